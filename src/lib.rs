@@ -1,0 +1,2 @@
+//! ftconv: fine-tuned LLM checkpoints to what people deploy.
+pub mod quant;

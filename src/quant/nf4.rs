@@ -1,0 +1,1 @@
+//! NF4/FP4 (bitsandbytes) codecs.

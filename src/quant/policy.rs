@@ -1,0 +1,1 @@
+//! Per-tensor type choice (llama-quantize policy).

@@ -1,0 +1,9 @@
+//! Q8_0 blocks (to be written: bit-exact port of llama.cpp's reference).
+
+pub fn quantize(_x: &[f32], _y: &mut [u8]) {
+    unimplemented!("Q8_0 quantizer")
+}
+
+pub fn dequantize(_x: &[u8], _y: &mut [f32]) {
+    unimplemented!("Q8_0 dequantizer")
+}

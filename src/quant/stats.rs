@@ -1,0 +1,1 @@
+//! Quantization error statistics.
