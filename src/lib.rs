@@ -1,2 +1,14 @@
 //! ftconv: fine-tuned LLM checkpoints to what people deploy.
+//!
+//! One flow for every command: read headers → plan (each output tensor: its sources,
+//! transforms, target type) → execute in parallel with bounded memory → write.
+
+pub mod arch;
+pub mod checkpoint;
+pub mod gguf;
+pub mod output;
 pub mod quant;
+pub mod cli;
+pub mod convert;
+pub mod exec;
+pub mod plan;

@@ -1,0 +1,1 @@
+//! Sharded safetensors writer (filled in with the merge and NF4 outputs).
