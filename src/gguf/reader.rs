@@ -151,7 +151,7 @@ impl<'a> Cursor<'a> {
         }
         let need = (n as u128) * (min_each as u128);
         if need > self.remaining() as u128 {
-            bail!("absurd {what} {n}: the file has only {} bytes left", self.remaining());
+            bail!("truncated or corrupt: {what} is {n} but the file has only {} bytes left", self.remaining());
         }
         Ok(n as usize)
     }

@@ -354,9 +354,9 @@ mod tests {
         assert_eq!(ty("token_embd.weight"), GgmlType::Q8_0);
         assert_eq!(ty("blk.0.attn_q.weight"), GgmlType::Q5_0);
         assert_eq!(ty("blk.0.attn_v.weight"), GgmlType::Q8_0);
-        assert_eq!(ty("blk.5.attn_v.weight"), GgmlType::Q5_0);
+        assert_eq!(ty("blk.6.attn_v.weight"), GgmlType::Q5_0);
         assert_eq!(ty("blk.0.ffn_down.weight"), GgmlType::Q6_K);
-        assert_eq!(ty("blk.5.ffn_down.weight"), GgmlType::Q4_K);
+        assert_eq!(ty("blk.6.ffn_down.weight"), GgmlType::Q4_K);
         let types = choose_types(&descs, Ftype::Q4_K_M, true, &info);
         assert_eq!(types[names.iter().position(|x| x == "token_embd.weight").unwrap()], GgmlType::Q5_0);
         let types = choose_types(&descs, Ftype::BF16, false, &info);
