@@ -4,6 +4,7 @@
 //! transforms, target type) → execute in parallel with bounded memory → write.
 
 pub mod arch;
+pub mod chat_template;
 pub mod checkpoint;
 pub mod gguf;
 pub mod output;
