@@ -39,7 +39,11 @@ fn write_py_str(s: &str, out: &mut String) {
 }
 
 fn write_py_json(v: &J, indent: Option<usize>, sort_keys: bool, level: usize, out: &mut String) {
-    let (item_sep, key_sep) = if indent.is_some() { (",", ": ") } else { (", ", ": ") };
+    let (item_sep, key_sep) = if indent.is_some() {
+        (",", ": ")
+    } else {
+        (", ", ": ")
+    };
     let nl = |lvl: usize, out: &mut String| {
         if let Some(n) = indent {
             out.push('\n');
@@ -107,8 +111,13 @@ fn tojson(v: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     let _: Option<bool> = kwargs.get("ensure_ascii")?;
     kwargs.assert_all_used()?;
-    let j: J = serde_json::to_value(&v).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
-    Ok(Value::from_safe_string(py_json_dumps(&j, indent, sort_keys.unwrap_or(false))))
+    let j: J = serde_json::to_value(&v)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    Ok(Value::from_safe_string(py_json_dumps(
+        &j,
+        indent,
+        sort_keys.unwrap_or(false),
+    )))
 }
 
 impl ChatTemplate {
@@ -124,7 +133,10 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
-            Err(Error::new(ErrorKind::InvalidOperation, format!("template raised: {msg}")))
+            Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("template raised: {msg}"),
+            ))
         });
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| anyhow!("chat template does not compile: {e}"))?;
@@ -141,22 +153,30 @@ impl ChatTemplate {
             }
         }
         ctx.insert("messages".into(), messages.clone());
-        ctx.insert("add_generation_prompt".into(), J::Bool(add_generation_prompt));
-        let date = ctx.get("date_string").and_then(J::as_str).unwrap_or("22 Nov 2026").to_string();
+        ctx.insert(
+            "add_generation_prompt".into(),
+            J::Bool(add_generation_prompt),
+        );
+        let date = ctx
+            .get("date_string")
+            .and_then(J::as_str)
+            .unwrap_or("22 Nov 2026")
+            .to_string();
         let mut env = self.env.clone();
         env.add_function("strftime_now", move |fmt: String| -> Result<Value, Error> {
             Ok(Value::from(strftime_fixed(&fmt, &date)))
         });
         let t = env.get_template("chat").map_err(|e| anyhow!("{e}"))?;
-        t.render(Value::from(minijinja::value::Serde(&ctx))).map_err(|e| {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            anyhow!("chat template failed: {msg}")
-        })
+        t.render(Value::from(minijinja::value::Serde(&ctx)))
+            .map_err(|e| {
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    msg.push_str(&format!(": {s}"));
+                    src = s.source();
+                }
+                anyhow!("chat template failed: {msg}")
+            })
     }
 }
 
@@ -168,7 +188,20 @@ pub fn strftime_fixed(fmt: &str, date: &str) -> String {
         [d, m, y] => (*d, *m, *y),
         _ => ("22", "Nov", "2026"),
     };
-    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
     let mi = MONTHS.iter().position(|m| m.starts_with(mon)).unwrap_or(10);
     let dn: u32 = d.parse().unwrap_or(22);
     let mut out = String::new();
@@ -212,21 +245,38 @@ mod tests {
             "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'].strip() + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
         )
         .unwrap();
-        let s = t.render(&json!([{"role": "user", "content": " Hi "}]), true, &json!({})).unwrap();
+        let s = t
+            .render(
+                &json!([{"role": "user", "content": " Hi "}]),
+                true,
+                &json!({}),
+            )
+            .unwrap();
         assert_eq!(s, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
     }
 
     #[test]
     fn python_json() {
         let v = json!({"a": 1, "b": [true, null, 2.5, 3.0], "c": "é\n\"", "d": {}});
-        assert_eq!(py_json_dumps(&v, None, false), r#"{"a": 1, "b": [true, null, 2.5, 3.0], "c": "é\n\"", "d": {}}"#);
-        assert_eq!(py_json_dumps(&json!({"x": [1]}), Some(2), false), "{\n  \"x\": [\n    1\n  ]\n}");
+        assert_eq!(
+            py_json_dumps(&v, None, false),
+            r#"{"a": 1, "b": [true, null, 2.5, 3.0], "c": "é\n\"", "d": {}}"#
+        );
+        assert_eq!(
+            py_json_dumps(&json!({"x": [1]}), Some(2), false),
+            "{\n  \"x\": [\n    1\n  ]\n}"
+        );
     }
 
     #[test]
     fn raise_and_date() {
         let t = ChatTemplate::new("{{ raise_exception('no system') }}").unwrap();
-        assert!(t.render(&json!([]), false, &json!({})).unwrap_err().to_string().contains("no system"));
+        assert!(
+            t.render(&json!([]), false, &json!({}))
+                .unwrap_err()
+                .to_string()
+                .contains("no system")
+        );
         assert_eq!(strftime_fixed("%d %b %Y", "22 Nov 2026"), "22 Nov 2026");
         assert_eq!(strftime_fixed("%-d %B", "02 Jan 2025"), "2 January");
     }

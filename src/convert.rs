@@ -4,7 +4,9 @@
 use crate::arch::{self, ConvertedSource};
 use crate::checkpoint::{HfCheckpoint, StFile};
 use crate::gguf::{GgufFile, Metadata, Value};
-use crate::plan::{GgufRows, Plan, PlannedTensor, RowSource, Rounding, SafetensorsRows, VecRows, ne_of_shape};
+use crate::plan::{
+    GgufRows, Plan, PlannedTensor, Rounding, RowSource, SafetensorsRows, VecRows, ne_of_shape,
+};
 use crate::quant::policy::{self, ModelInfo, TensorDesc};
 use crate::quant::{Ftype, GgmlType};
 use anyhow::{Result, anyhow, bail};
@@ -30,11 +32,23 @@ pub struct Pending {
 }
 
 /// Sort into llama-quantize's order, choose types, and build the plan.
-pub fn finish_plan(mut pending: Vec<Pending>, mut md: Metadata, info: &ModelInfo, opts: &QuantOptions, input_bytes: u64) -> Plan {
+pub fn finish_plan(
+    mut pending: Vec<Pending>,
+    mut md: Metadata,
+    info: &ModelInfo,
+    opts: &QuantOptions,
+    input_bytes: u64,
+) -> Plan {
     policy::sort_names(&mut pending, |p| p.name.as_str());
     let types = {
-        let descs: Vec<TensorDesc> =
-            pending.iter().map(|p| TensorDesc { name: &p.name, ne: &p.ne, stored: p.stored }).collect();
+        let descs: Vec<TensorDesc> = pending
+            .iter()
+            .map(|p| TensorDesc {
+                name: &p.name,
+                ne: &p.ne,
+                stored: p.stored,
+            })
+            .collect();
         policy::choose_types(&descs, opts.ftype, opts.pure, info)
     };
     // llama-quantize re-sets these two keys, which moves them to the end.
@@ -56,7 +70,12 @@ pub fn finish_plan(mut pending: Vec<Pending>, mut md: Metadata, info: &ModelInfo
             transforms: p.transforms,
         })
         .collect();
-    Plan { metadata: md, tensors, type_name: opts.ftype.name().to_string(), input_bytes }
+    Plan {
+        metadata: md,
+        tensors,
+        type_name: opts.ftype.name().to_string(),
+        input_bytes,
+    }
 }
 
 /// Per-tensor hooks that can replace a tensor's rows (used by the LoRA merge).
@@ -77,32 +96,49 @@ pub fn hf_pending(ck: &HfCheckpoint, hook: Option<RowHook>) -> Result<(Vec<Pendi
                 }
                 let rounding = Rounding::for_stored(c.stored);
                 let src_dtype = crate::checkpoint::safetensors::dtype_name(t.dtype);
-                let exact = matches!((rounding, src_dtype.as_str()), (Rounding::BF16, "BF16") | (Rounding::F16, "F16"));
+                let exact = matches!(
+                    (rounding, src_dtype.as_str()),
+                    (Rounding::BF16, "BF16") | (Rounding::F16, "F16")
+                );
                 if rounding != Rounding::None && !exact {
                     transforms.push(format!("round to {} (converter storage)", c.stored));
                 }
                 let origin = format!(
                     "{}:{}",
-                    t.file.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+                    t.file
+                        .file_name()
+                        .map(|n| n.to_string_lossy().to_string())
+                        .unwrap_or_default(),
                     t.name
                 );
                 let hf_name = t.name.clone();
-                let mut src: Box<dyn RowSource> =
-                    Box::new(SafetensorsRows { tensor: t, permute_heads: c.permute_heads, rounding: Rounding::None });
+                let mut src: Box<dyn RowSource> = Box::new(SafetensorsRows {
+                    tensor: t,
+                    permute_heads: c.permute_heads,
+                    rounding: Rounding::None,
+                });
                 if let Some(hook) = hook {
                     src = hook(&hf_name, src)?;
                 }
                 // rounding through the storage type happens after any merge
-                let src: Box<dyn RowSource> = if rounding == Rounding::None || exact && hook.is_none() {
-                    src
-                } else {
-                    Box::new(Rounded { inner: src, rounding })
-                };
+                let src: Box<dyn RowSource> =
+                    if rounding == Rounding::None || exact && hook.is_none() {
+                        src
+                    } else {
+                        Box::new(Rounded {
+                            inner: src,
+                            rounding,
+                        })
+                    };
                 (src, origin, src_dtype)
             }
             ConvertedSource::Generated(v) => {
                 let n = v.len();
-                (Box::new(VecRows { data: v, cols: n }), "generated (llama3 rope scaling)".into(), "F32".into())
+                (
+                    Box::new(VecRows { data: v, cols: n }),
+                    "generated (llama3 rope scaling)".into(),
+                    "F32".into(),
+                )
             }
         };
         pending.push(Pending {
@@ -156,7 +192,13 @@ pub fn plan_hf(ck: &HfCheckpoint, opts: &QuantOptions, hook: Option<RowHook>) ->
     let (pending, outtype) = hf_pending(ck, hook)?;
     let n_params: u64 = pending.iter().map(|p| p.ne.iter().product::<u64>()).sum();
     let md = arch::model_metadata(ck, outtype, n_params)?;
-    Ok(finish_plan(pending, md, &model_info(ck), opts, ck.data_bytes()))
+    Ok(finish_plan(
+        pending,
+        md,
+        &model_info(ck),
+        opts,
+        ck.data_bytes(),
+    ))
 }
 
 /// F32/F16/BF16 GGUF → re-quantized GGUF plan (metadata kept, as llama-quantize does).
@@ -195,8 +237,15 @@ pub fn plan_gguf(path: &Path, opts: &QuantOptions) -> Result<Plan> {
             name: t.name.clone(),
             ne,
             stored: ty,
-            source: Box::new(GgufRows { file: g.clone(), info: t.clone(), ty }),
-            origin: path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+            source: Box::new(GgufRows {
+                file: g.clone(),
+                info: t.clone(),
+                ty,
+            }),
+            origin: path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default(),
             source_dtype: ty.name().to_string(),
             transforms: vec![],
         });
@@ -225,15 +274,34 @@ pub fn plan_safetensors(path: &Path, opts: &QuantOptions) -> Result<Plan> {
             name: t.name.clone(),
             stored: GgmlType::F32,
             ne,
-            source: Box::new(SafetensorsRows { tensor: t.clone(), permute_heads: None, rounding: Rounding::None }),
-            origin: format!("{}:{}", path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), t.name),
+            source: Box::new(SafetensorsRows {
+                tensor: t.clone(),
+                permute_heads: None,
+                rounding: Rounding::None,
+            }),
+            origin: format!(
+                "{}:{}",
+                path.file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+                t.name
+            ),
             source_dtype: crate::checkpoint::safetensors::dtype_name(t.dtype),
             transforms: vec![],
         });
     }
     let mut md = Metadata::new();
     md.set("general.type", Value::Str("tensors".into()));
-    let info = ModelInfo { arch: String::new(), n_layer: 0, n_head: 0, n_head_kv: 0, n_expert: 0 };
-    let opts = QuantOptions { pure: true, ..opts.clone() };
+    let info = ModelInfo {
+        arch: String::new(),
+        n_layer: 0,
+        n_head: 0,
+        n_head_kv: 0,
+        n_expert: 0,
+    };
+    let opts = QuantOptions {
+        pure: true,
+        ..opts.clone()
+    };
     Ok(finish_plan(pending, md, &info, &opts, f.len_bytes() as u64))
 }

@@ -48,13 +48,24 @@ struct ErrAcc {
 }
 
 /// Quantize rows `[row0, row0 + n)` of `t` into `out`, returning error sums.
-fn quantize_rows(t: &PlannedTensor, row0: usize, n: usize, out: &mut [u8], measure: bool) -> Result<ErrAcc> {
+fn quantize_rows(
+    t: &PlannedTensor,
+    row0: usize,
+    n: usize,
+    out: &mut [u8],
+    measure: bool,
+) -> Result<ErrAcc> {
     let cols = t.source.cols();
     let mut buf = vec![0f32; n * cols];
     t.source.read_rows(row0, &mut buf)?;
     if let Some(i) = buf.iter().position(|v| !v.is_finite()) {
         let r = row0 + i / cols;
-        bail!("tensor {:?} has invalid data: {} at row {r}, column {}", t.name, buf[i], i % cols);
+        bail!(
+            "tensor {:?} has invalid data: {} at row {r}, column {}",
+            t.name,
+            buf[i],
+            i % cols
+        );
     }
     quant::quantize(t.target, &buf, out);
     if t.target.is_quantized() {
@@ -91,11 +102,18 @@ pub fn run_tensor(
     let rows = t.source.rows();
     let cols = t.source.cols();
     if rows as u64 * cols as u64 != t.n_elements() {
-        bail!("internal: tensor {} source has {rows}x{cols} values for shape {:?}", t.name, t.shape());
+        bail!(
+            "internal: tensor {} source has {rows}x{cols} values for shape {:?}",
+            t.name,
+            t.shape()
+        );
     }
     let row_bytes = cols / t.target.block_size() * t.target.type_size();
     let rows_per_chunk = CHUNK_ELEMS.div_ceil(cols).max(1);
-    let rows_per_batch = (BATCH_ELEMS / cols.max(1)).max(rows_per_chunk).div_ceil(rows_per_chunk) * rows_per_chunk;
+    let rows_per_batch = (BATCH_ELEMS / cols.max(1))
+        .max(rows_per_chunk)
+        .div_ceil(rows_per_chunk)
+        * rows_per_chunk;
     let mut total = ErrAcc::default();
     let mut out = vec![0u8; rows_per_batch.min(rows) * row_bytes];
     let mut r = 0;
@@ -126,7 +144,11 @@ pub fn run_tensor(
             name: t.name.clone(),
             ty: t.target.name().to_string(),
             rmse: (total.se / n.max(1.0)).sqrt(),
-            rel_error: if total.ss > 0.0 { (total.se / total.ss).sqrt() } else { 0.0 },
+            rel_error: if total.ss > 0.0 {
+                (total.se / total.ss).sqrt()
+            } else {
+                0.0
+            },
         }))
     } else {
         Ok(None)
@@ -140,7 +162,12 @@ pub fn write_gguf(plan: &Plan, dest: &Path, measure: bool, progress: Progress) -
     let headers: Vec<TensorHeader> = plan
         .tensors
         .iter()
-        .map(|t| TensorHeader { name: t.name.clone(), ne: t.ne.clone(), type_id: t.target.id(), size: t.out_bytes() })
+        .map(|t| TensorHeader {
+            name: t.name.clone(),
+            ne: t.ne.clone(),
+            type_id: t.target.id(),
+            size: t.out_bytes(),
+        })
         .collect();
     let mut file = AtomicFile::create(dest)?;
     let mut w = GgufWriter::new(file.writer(), &plan.metadata, &headers)
@@ -153,7 +180,10 @@ pub fn write_gguf(plan: &Plan, dest: &Path, measure: bool, progress: Progress) -
         let err = run_tensor(
             t,
             measure,
-            |bytes| w.write_data(bytes).map_err(|e| anyhow!("{}: write failed: {e}", dest.display())),
+            |bytes| {
+                w.write_data(bytes)
+                    .map_err(|e| anyhow!("{}: write failed: {e}", dest.display()))
+            },
             |n| {
                 done += n as u64 * cols;
                 progress(i, &t.name, done);

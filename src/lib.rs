@@ -6,10 +6,10 @@
 pub mod arch;
 pub mod chat_template;
 pub mod checkpoint;
-pub mod gguf;
-pub mod output;
-pub mod quant;
 pub mod cli;
 pub mod convert;
 pub mod exec;
+pub mod gguf;
+pub mod output;
 pub mod plan;
+pub mod quant;

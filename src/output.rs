@@ -16,7 +16,11 @@ pub struct AtomicFile {
 pub fn check_output_dir(dest: &Path) -> Result<()> {
     let parent = parent_dir(dest);
     if !parent.is_dir() {
-        bail!("{}: output folder {} does not exist", dest.display(), parent.display());
+        bail!(
+            "{}: output folder {} does not exist",
+            dest.display(),
+            parent.display()
+        );
     }
     Ok(())
 }
@@ -31,10 +35,17 @@ fn parent_dir(p: &Path) -> PathBuf {
 impl AtomicFile {
     pub fn create(dest: &Path) -> Result<AtomicFile> {
         check_output_dir(dest)?;
-        let name = dest.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         let tmp = parent_dir(dest).join(format!(".{name}.ftconv-{}.tmp", std::process::id()));
         let f = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-        Ok(AtomicFile { tmp, dest: dest.to_path_buf(), writer: Some(BufWriter::with_capacity(1 << 22, f)) })
+        Ok(AtomicFile {
+            tmp,
+            dest: dest.to_path_buf(),
+            writer: Some(BufWriter::with_capacity(1 << 22, f)),
+        })
     }
 
     pub fn writer(&mut self) -> &mut BufWriter<File> {
@@ -44,7 +55,8 @@ impl AtomicFile {
     /// Flush, sync and rename into place.
     pub fn commit(mut self) -> Result<()> {
         let mut w = self.writer.take().expect("writer taken");
-        w.flush().with_context(|| format!("{}: write failed", self.tmp.display()))?;
+        w.flush()
+            .with_context(|| format!("{}: write failed", self.tmp.display()))?;
         let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all().ok();
         drop(f);
@@ -91,13 +103,20 @@ impl AtomicDir {
         if dest.exists() && !dest.is_dir() {
             bail!("{}: exists and is not a folder", dest.display());
         }
-        let name = dest.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         let tmp = parent_dir(dest).join(format!(".{name}.ftconv-{}.tmp", std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).ok();
         }
         std::fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-        Ok(AtomicDir { tmp, dest: dest.to_path_buf(), committed: false })
+        Ok(AtomicDir {
+            tmp,
+            dest: dest.to_path_buf(),
+            committed: false,
+        })
     }
 
     /// Path of a file inside the (temporary) folder.

@@ -65,7 +65,11 @@ impl RowSource for SafetensorsRows {
         match self.permute_heads {
             None => self.tensor.read_rows(row0, out)?,
             Some(h) => {
-                let rows = if self.tensor.shape.len() == 1 { self.tensor.shape[0] } else { self.rows() };
+                let rows = if self.tensor.shape.len() == 1 {
+                    self.tensor.shape[0]
+                } else {
+                    self.rows()
+                };
                 if self.tensor.shape.len() == 1 {
                     // a bias: permute single elements
                     let mut all = vec![0f32; rows];
@@ -108,12 +112,20 @@ impl RowSource for GgufRows {
         let row_bytes = cols / self.ty.block_size() * self.ty.type_size();
         let n = out.len() / cols;
         let data = self.file.tensor_data(&self.info);
-        crate::quant::dequantize(self.ty, &data[row0 * row_bytes..(row0 + n) * row_bytes], out);
+        crate::quant::dequantize(
+            self.ty,
+            &data[row0 * row_bytes..(row0 + n) * row_bytes],
+            out,
+        );
         Ok(())
     }
     fn release(&self) {
         let start = (self.file.data_offset + self.info.offset) as usize;
-        crate::checkpoint::safetensors::release_range(self.file.mmap(), start, self.info.size as usize);
+        crate::checkpoint::safetensors::release_range(
+            self.file.mmap(),
+            start,
+            self.info.size as usize,
+        );
     }
 }
 
@@ -192,10 +204,18 @@ impl Plan {
     pub fn check(&self) -> Result<()> {
         for t in &self.tensors {
             if t.ne[0] % t.target.block_size() as u64 != 0 {
-                bail!("internal: tensor {} row length {} does not fit {}", t.name, t.ne[0], t.target);
+                bail!(
+                    "internal: tensor {} row length {} does not fit {}",
+                    t.name,
+                    t.ne[0],
+                    t.target
+                );
             }
             if t.name.len() >= crate::gguf::MAX_NAME {
-                bail!("tensor name {:?} is too long for GGUF (at most 63 bytes)", t.name);
+                bail!(
+                    "tensor name {:?} is too long for GGUF (at most 63 bytes)",
+                    t.name
+                );
             }
         }
         Ok(())

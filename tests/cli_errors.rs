@@ -7,7 +7,14 @@ use std::path::Path;
 
 fn quantize_to(src: &Path, out_dir: &Path, ty: &str) -> std::process::Output {
     let out = out_dir.join("out.gguf");
-    run(&["quantize", src.to_str().unwrap(), "--to", ty, "-o", out.to_str().unwrap()])
+    run(&[
+        "quantize",
+        src.to_str().unwrap(),
+        "--to",
+        ty,
+        "-o",
+        out.to_str().unwrap(),
+    ])
 }
 
 fn check_st(bytes: &[u8], needle: &str) {
@@ -16,8 +23,16 @@ fn check_st(bytes: &[u8], needle: &str) {
     std::fs::write(&p, bytes).unwrap();
     let o = quantize_to(&p, d.path(), "q8_0");
     assert_fails(&o, 1, needle);
-    assert!(stderr(&o).contains("bad.safetensors"), "names the file: {}", stderr(&o));
-    assert_eq!(list(d.path()), vec!["bad.safetensors"], "no output left behind");
+    assert!(
+        stderr(&o).contains("bad.safetensors"),
+        "names the file: {}",
+        stderr(&o)
+    );
+    assert_eq!(
+        list(d.path()),
+        vec!["bad.safetensors"],
+        "no output left behind"
+    );
 }
 
 #[test]
@@ -52,7 +67,8 @@ fn safetensors_unknown_dtype() {
 
 #[test]
 fn safetensors_shape_overflow() {
-    let h = r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,16]}}"#;
+    let h =
+        r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,16]}}"#;
     check_st(&raw_safetensors(h, &[0u8; 16]), "overflow");
 }
 
@@ -82,7 +98,12 @@ fn nan_weight_is_refused() {
 
 #[test]
 fn unknown_type_is_a_usage_error() {
-    let o = run(&["quantize", fixture("tiny-llama").to_str().unwrap(), "--to", "q9_k"]);
+    let o = run(&[
+        "quantize",
+        fixture("tiny-llama").to_str().unwrap(),
+        "--to",
+        "q9_k",
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("q9_k"));
 }
@@ -91,7 +112,14 @@ fn unknown_type_is_a_usage_error() {
 fn output_folder_must_exist() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("nope").join("x.gguf");
-    let o = run(&["quantize", fixture("tiny-llama").to_str().unwrap(), "--to", "f16", "-o", out.to_str().unwrap()]);
+    let o = run(&[
+        "quantize",
+        fixture("tiny-llama").to_str().unwrap(),
+        "--to",
+        "f16",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert_fails(&o, 1, "does not exist");
 }
 
@@ -124,7 +152,9 @@ fn config_not_json() {
 fn config_unknown_architecture() {
     let d = tempfile::tempdir().unwrap();
     let m = tiny_copy(d.path());
-    let cfg = std::fs::read_to_string(m.join("config.json")).unwrap().replace("LlamaForCausalLM", "FancyNewForCausalLM");
+    let cfg = std::fs::read_to_string(m.join("config.json"))
+        .unwrap()
+        .replace("LlamaForCausalLM", "FancyNewForCausalLM");
     std::fs::write(m.join("config.json"), cfg).unwrap();
     let o = quantize_to(&m, d.path(), "f16");
     assert_fails(&o, 1, "FancyNewForCausalLM");
@@ -135,12 +165,17 @@ fn config_unknown_architecture() {
 fn config_heads_do_not_divide_hidden() {
     let d = tempfile::tempdir().unwrap();
     let m = tiny_copy(d.path());
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
     cfg.as_object_mut().unwrap().remove("head_dim");
     cfg["num_attention_heads"] = serde_json::json!(3);
     cfg["num_key_value_heads"] = serde_json::json!(3);
     std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
-    assert_fails(&quantize_to(&m, d.path(), "f16"), 1, "does not divide hidden_size");
+    assert_fails(
+        &quantize_to(&m, d.path(), "f16"),
+        1,
+        "does not divide hidden_size",
+    );
 }
 
 fn check_gguf(bytes: &[u8], needle: &str) {
@@ -169,7 +204,15 @@ fn gguf_bad_magic() {
 fn gguf_truncated() {
     let d = tempfile::tempdir().unwrap();
     let good = d.path().join("good.gguf");
-    let o = run(&["quantize", fixture("tiny-llama").to_str().unwrap(), "--to", "f16", "-o", good.to_str().unwrap(), "-q"]);
+    let o = run(&[
+        "quantize",
+        fixture("tiny-llama").to_str().unwrap(),
+        "--to",
+        "f16",
+        "-o",
+        good.to_str().unwrap(),
+        "-q",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let bytes = std::fs::read(&good).unwrap();
     check_gguf(&bytes[..bytes.len() - 4096], "truncated");

@@ -18,7 +18,10 @@ fn every_value_type_and_tensor_layout_round_trips() {
     md.set("u64", Value::U64(u64::MAX));
     md.set("i64", Value::I64(i64::MIN));
     md.set("f64", Value::F64(-2.5e300));
-    md.set("arr.str", Value::Array(Array::Str(vec!["a".into(), "".into(), "ü".into()])));
+    md.set(
+        "arr.str",
+        Value::Array(Array::Str(vec!["a".into(), "".into(), "ü".into()])),
+    );
     md.set("arr.i32", Value::Array(Array::I32(vec![1, -2, 3])));
     md.set("arr.f32", Value::Array(Array::F32(vec![0.5, -1.0])));
     md.set("arr.bool", Value::Array(Array::Bool(vec![true, false])));
@@ -30,8 +33,18 @@ fn every_value_type_and_tensor_layout_round_trips() {
     let t0: Vec<u8> = (0..3 * 4 * 4).map(|i| i as u8).collect(); // 3x4 F32, 48 bytes → pad 16
     let t1: Vec<u8> = (0..2 * 5 * 2).map(|i| (i * 3) as u8).collect(); // F16 5x2, 20 bytes
     let headers = vec![
-        TensorHeader { name: "a.weight".into(), ne: vec![4, 3], type_id: 0, size: t0.len() as u64 },
-        TensorHeader { name: "b".into(), ne: vec![5, 2], type_id: 1, size: t1.len() as u64 },
+        TensorHeader {
+            name: "a.weight".into(),
+            ne: vec![4, 3],
+            type_id: 0,
+            size: t0.len() as u64,
+        },
+        TensorHeader {
+            name: "b".into(),
+            ne: vec![5, 2],
+            type_id: 1,
+            size: t1.len() as u64,
+        },
     ];
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("x.gguf");
@@ -63,7 +76,12 @@ fn every_value_type_and_tensor_layout_round_trips() {
 #[test]
 fn writer_refuses_wrong_sizes() {
     let md = Metadata::new();
-    let headers = vec![TensorHeader { name: "a".into(), ne: vec![4], type_id: 0, size: 16 }];
+    let headers = vec![TensorHeader {
+        name: "a".into(),
+        ne: vec![4],
+        type_id: 0,
+        size: 16,
+    }];
     let mut w = GgufWriter::new(Vec::new(), &md, &headers).unwrap();
     assert!(w.write_data(&[0u8; 20]).is_err());
     let w = GgufWriter::new(Vec::new(), &md, &headers).unwrap();

@@ -105,7 +105,9 @@ pub fn auto_outtype(ck: &HfCheckpoint) -> GgmlType {
 }
 
 fn skipped(name: &str) -> bool {
-    name.ends_with(".attention.masked_bias") || name.ends_with(".attention.bias") || name.ends_with(".rotary_emb.inv_freq")
+    name.ends_with(".attention.masked_bias")
+        || name.ends_with(".attention.bias")
+        || name.ends_with(".rotary_emb.inv_freq")
 }
 
 /// Every tensor the converter writes, in the converter's order.
@@ -126,7 +128,12 @@ pub fn converted_tensors(ck: &HfCheckpoint, outtype: GgmlType) -> Result<Vec<Con
             continue;
         }
         let Some(name) = map_tensor_name(&t.name, cfg.num_hidden_layers) else {
-            bail!("{}: cannot map tensor {:?} to a GGUF name for {}", t.file.display(), t.name, cfg.arch.hf_class);
+            bail!(
+                "{}: cannot map tensor {:?} to a GGUF name for {}",
+                t.file.display(),
+                t.name,
+                cfg.arch.hf_class
+            );
         };
         if !t.is_float() {
             bail!(
@@ -137,7 +144,8 @@ pub fn converted_tensors(ck: &HfCheckpoint, outtype: GgmlType) -> Result<Vec<Con
             );
         }
         let n_dims = t.shape.len();
-        let stored = if n_dims <= 1 || name.ends_with("_norm.weight") || !name.ends_with(".weight") {
+        let stored = if n_dims <= 1 || name.ends_with("_norm.weight") || !name.ends_with(".weight")
+        {
             GgmlType::F32
         } else {
             outtype
@@ -152,12 +160,22 @@ pub fn converted_tensors(ck: &HfCheckpoint, outtype: GgmlType) -> Result<Vec<Con
             if let Some(h) = permute_heads {
                 let rows = t.shape[0];
                 if rows % (2 * h) != 0 {
-                    bail!("{}: tensor {:?} has {rows} rows, not divisible into {h} heads of pairs", t.file.display(), t.name);
+                    bail!(
+                        "{}: tensor {:?} has {rows} rows, not divisible into {h} heads of pairs",
+                        t.file.display(),
+                        t.name
+                    );
                 }
             }
         }
         check_shape(cfg, &name, t)?;
-        out.push(ConvertedTensor { name, shape: t.shape.clone(), source: ConvertedSource::Tensor(t.clone()), permute_heads, stored });
+        out.push(ConvertedTensor {
+            name,
+            shape: t.shape.clone(),
+            source: ConvertedSource::Tensor(t.clone()),
+            permute_heads,
+            stored,
+        });
     }
     Ok(out)
 }
@@ -168,7 +186,10 @@ fn check_shape(cfg: &ModelConfig, name: &str, t: &TensorRef) -> Result<()> {
     let kv = cfg.num_key_value_heads * cfg.head_dim;
     let f = cfg.intermediate_size;
     let v = cfg.vocab_size;
-    let base = name.split('.').skip_while(|p| p.chars().all(|c| c.is_ascii_digit()) || *p == "blk").collect::<Vec<_>>();
+    let base = name
+        .split('.')
+        .skip_while(|p| p.chars().all(|c| c.is_ascii_digit()) || *p == "blk")
+        .collect::<Vec<_>>();
     let kind = base.first().copied().unwrap_or("");
     let is_bias = name.ends_with(".bias");
     let expect: Option<Vec<usize>> = match (kind, is_bias) {
@@ -200,7 +221,9 @@ fn check_shape(cfg: &ModelConfig, name: &str, t: &TensorRef) -> Result<()> {
 /// llama3 RoPE frequency factors (LlamaModel.generate_extra_tensors), computed in f32 like
 /// the converter's torch code.
 pub fn llama3_rope_freqs(cfg: &ModelConfig) -> Result<Option<Vec<f32>>> {
-    let Some(t) = cfg.rope.rope_type.as_deref() else { return Ok(None) };
+    let Some(t) = cfg.rope.rope_type.as_deref() else {
+        return Ok(None);
+    };
     if !t.eq_ignore_ascii_case("llama3") || !cfg.arch.permute_qk {
         return Ok(None);
     }
@@ -209,7 +232,10 @@ pub fn llama3_rope_freqs(cfg: &ModelConfig) -> Result<Option<Vec<f32>>> {
     let factor = cfg.rope.get_f64("factor").unwrap_or(8.0);
     let low = cfg.rope.get_f64("low_freq_factor").unwrap_or(1.0);
     let high = cfg.rope.get_f64("high_freq_factor").unwrap_or(4.0);
-    let old_ctx = cfg.rope.get_f64("original_max_position_embeddings").unwrap_or(8192.0);
+    let old_ctx = cfg
+        .rope
+        .get_f64("original_max_position_embeddings")
+        .unwrap_or(8192.0);
     let low_wavelen = old_ctx / low;
     let high_wavelen = old_ctx / high;
     let mut out = Vec::with_capacity(dim / 2);
@@ -255,26 +281,51 @@ pub fn model_metadata(ck: &HfCheckpoint, outtype: GgmlType, n_params: u64) -> Re
     }
     md.set(&k("embedding_length"), hparam_u32(cfg.hidden_size));
     md.set(&k("feed_forward_length"), hparam_u32(cfg.intermediate_size));
-    md.set(&k("attention.head_count"), hparam_u32(cfg.num_attention_heads));
-    md.set(&k("attention.head_count_kv"), hparam_u32(cfg.num_key_value_heads));
+    md.set(
+        &k("attention.head_count"),
+        hparam_u32(cfg.num_attention_heads),
+    );
+    md.set(
+        &k("attention.head_count_kv"),
+        hparam_u32(cfg.num_key_value_heads),
+    );
     let rp = &cfg.rope.params;
     let factor = rp.get("factor").and_then(J::as_f64);
     match cfg.rope.rope_type.as_deref() {
         Some("linear") if factor.is_some() => {
             md.set(&k("rope.scaling.type"), Value::Str("linear".into()));
-            md.set(&k("rope.scaling.factor"), Value::F32(factor.unwrap() as f32));
+            md.set(
+                &k("rope.scaling.factor"),
+                Value::F32(factor.unwrap() as f32),
+            );
         }
         Some("yarn") if factor.is_some() => {
             md.set(&k("rope.scaling.type"), Value::Str("yarn".into()));
-            md.set(&k("rope.scaling.factor"), Value::F32(factor.unwrap() as f32));
-            let orig = rp.get("original_max_position_embeddings").and_then(J::as_u64).ok_or_else(|| {
-                anyhow::anyhow!("{}: yarn RoPE scaling needs original_max_position_embeddings", cfg.path.display())
-            })?;
-            md.set(&k("rope.scaling.original_context_length"), Value::U32(orig as u32));
+            md.set(
+                &k("rope.scaling.factor"),
+                Value::F32(factor.unwrap() as f32),
+            );
+            let orig = rp
+                .get("original_max_position_embeddings")
+                .and_then(J::as_u64)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: yarn RoPE scaling needs original_max_position_embeddings",
+                        cfg.path.display()
+                    )
+                })?;
+            md.set(
+                &k("rope.scaling.original_context_length"),
+                Value::U32(orig as u32),
+            );
             if let Some(v) = rp.get("extrapolation_factor").and_then(J::as_f64) {
                 md.set(&k("rope.scaling.yarn_ext_factor"), Value::F32(v as f32));
             }
-            if let Some(v) = rp.get("attention_factor").or_else(|| rp.get("attn_factor")).and_then(J::as_f64) {
+            if let Some(v) = rp
+                .get("attention_factor")
+                .or_else(|| rp.get("attn_factor"))
+                .and_then(J::as_f64)
+            {
                 md.set(&k("rope.scaling.yarn_attn_factor"), Value::F32(v as f32));
             }
             if let Some(v) = rp.get("beta_fast").and_then(J::as_f64) {
@@ -289,7 +340,10 @@ pub fn model_metadata(ck: &HfCheckpoint, outtype: GgmlType, n_params: u64) -> Re
     if let Some(theta) = cfg.rope.theta {
         md.set(&k("rope.freq_base"), Value::F32(theta as f32));
     }
-    md.set(&k("attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_norm_eps as f32));
+    md.set(
+        &k("attention.layer_norm_rms_epsilon"),
+        Value::F32(cfg.rms_norm_eps as f32),
+    );
     if cfg.head_dim_known {
         md.set(&k("attention.key_length"), hparam_u32(cfg.head_dim));
         md.set(&k("attention.value_length"), hparam_u32(cfg.head_dim));
@@ -379,11 +433,26 @@ mod tests {
 
     #[test]
     fn names() {
-        assert_eq!(map_tensor_name("model.embed_tokens.weight", 2).as_deref(), Some("token_embd.weight"));
-        assert_eq!(map_tensor_name("model.layers.1.self_attn.q_proj.bias", 2).as_deref(), Some("blk.1.attn_q.bias"));
-        assert_eq!(map_tensor_name("model.layers.10.mlp.down_proj.weight", 11).as_deref(), Some("blk.10.ffn_down.weight"));
-        assert_eq!(map_tensor_name("model.layers.2.mlp.down_proj.weight", 2), None);
-        assert_eq!(map_tensor_name("model.layers.x.mlp.down_proj.weight", 2), None);
+        assert_eq!(
+            map_tensor_name("model.embed_tokens.weight", 2).as_deref(),
+            Some("token_embd.weight")
+        );
+        assert_eq!(
+            map_tensor_name("model.layers.1.self_attn.q_proj.bias", 2).as_deref(),
+            Some("blk.1.attn_q.bias")
+        );
+        assert_eq!(
+            map_tensor_name("model.layers.10.mlp.down_proj.weight", 11).as_deref(),
+            Some("blk.10.ffn_down.weight")
+        );
+        assert_eq!(
+            map_tensor_name("model.layers.2.mlp.down_proj.weight", 2),
+            None
+        );
+        assert_eq!(
+            map_tensor_name("model.layers.x.mlp.down_proj.weight", 2),
+            None
+        );
         assert_eq!(map_tensor_name("vision.foo.weight", 2), None);
     }
 

@@ -34,7 +34,9 @@ pub fn pre_name_for_hash(hash: &str) -> Option<&'static str> {
 
 /// SHA-256 hex of `str(tokenizer.encode(chktxt))` (Python list repr of the ids).
 pub fn probe_hash(tok: &tokenizers::Tokenizer) -> Result<String> {
-    let enc = tok.encode(PROBE, true).map_err(|e| anyhow!("tokenizer failed on the probe text: {e}"))?;
+    let enc = tok
+        .encode(PROBE, true)
+        .map_err(|e| anyhow!("tokenizer failed on the probe text: {e}"))?;
     let ids: Vec<String> = enc.get_ids().iter().map(|i| i.to_string()).collect();
     let repr = format!("[{}]", ids.join(", "));
     Ok(hex(&Sha256::digest(repr.as_bytes())))
@@ -58,7 +60,11 @@ pub fn add_tokenizer_metadata(ck: &HfCheckpoint, md: &mut Metadata) -> Result<()
     let gguf_arch = ck.config.arch.gguf_arch.as_str();
     let tc = ck.read_json("tokenizer_config.json")?;
     if gguf_arch == "llama" {
-        if let Some(b) = tc.as_ref().and_then(|t| t.get("add_prefix_space")).and_then(J::as_bool) {
+        if let Some(b) = tc
+            .as_ref()
+            .and_then(|t| t.get("add_prefix_space"))
+            .and_then(J::as_bool)
+        {
             md.set("tokenizer.ggml.add_space_prefix", Value::Bool(b));
         }
     }
@@ -74,7 +80,10 @@ pub fn add_tokenizer_metadata(ck: &HfCheckpoint, md: &mut Metadata) -> Result<()
         }
         gpt2_vocab(ck, md)?;
     } else {
-        bail!("{}: no tokenizer.json or tokenizer.model; cannot write the vocabulary", dir.display());
+        bail!(
+            "{}: no tokenizer.json or tokenizer.model; cannot write the vocabulary",
+            dir.display()
+        );
     }
     if gguf_arch == "llama" && ck.config.vocab_size == 49152 {
         // LlamaModel.set_vocab: granite/SmolLM-size vocabularies never add BOS
@@ -88,18 +97,28 @@ fn is_llama_hf_bpe(path: &Path) -> Result<bool> {
     let model = &v["model"];
     let ty = model["type"].as_str().unwrap_or("");
     let is_llama3 = ty == "BPE"
-        && model.get("ignore_merges").and_then(J::as_bool).unwrap_or(false)
-        && !model.get("byte_fallback").and_then(J::as_bool).unwrap_or(true);
+        && model
+            .get("ignore_merges")
+            .and_then(J::as_bool)
+            .unwrap_or(false)
+        && !model
+            .get("byte_fallback")
+            .and_then(J::as_bool)
+            .unwrap_or(true);
     if is_llama3 {
         return Ok(false);
     }
     Ok(ty == "BPE"
-        && model.get("byte_fallback").and_then(J::as_bool).unwrap_or(false)
+        && model
+            .get("byte_fallback")
+            .and_then(J::as_bool)
+            .unwrap_or(false)
         && v["decoder"]["type"].as_str() == Some("Sequence"))
 }
 
 fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
-    tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))
+    tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))
 }
 
 /// transformers' `clean_up_tokenization`.
@@ -143,7 +162,10 @@ fn gpt2_vocab(ck: &HfCheckpoint, md: &mut Metadata) -> Result<()> {
         .and_then(J::as_bool)
         .unwrap_or(false);
     let decoder = tok.get_added_tokens_decoder();
-    let added: HashMap<String, u32> = decoder.iter().map(|(id, t)| (t.content.clone(), *id)).collect();
+    let added: HashMap<String, u32> = decoder
+        .iter()
+        .map(|(id, t)| (t.content.clone(), *id))
+        .collect();
     let mut reverse: HashMap<u32, String> = HashMap::with_capacity(vocab.len());
     for (t, id) in &vocab {
         reverse.insert(*id, t.clone());
@@ -162,12 +184,12 @@ fn gpt2_vocab(ck: &HfCheckpoint, md: &mut Metadata) -> Result<()> {
                     let info = decoder.get(&i);
                     if let Some(info) = info {
                         if !info.normalized {
-                            let enc = tok
-                                .encode(token.as_str(), false)
-                                .map_err(|e| anyhow!("{}: cannot encode {token:?}: {e}", tj_path.display()))?;
-                            let mut dec = tok
-                                .decode(enc.get_ids(), false)
-                                .map_err(|e| anyhow!("{}: cannot decode {token:?}: {e}", tj_path.display()))?;
+                            let enc = tok.encode(token.as_str(), false).map_err(|e| {
+                                anyhow!("{}: cannot encode {token:?}: {e}", tj_path.display())
+                            })?;
+                            let mut dec = tok.decode(enc.get_ids(), false).map_err(|e| {
+                                anyhow!("{}: cannot decode {token:?}: {e}", tj_path.display())
+                            })?;
                             if cleanup {
                                 dec = clean_up_tokenization(&dec);
                             }
@@ -228,7 +250,9 @@ fn skip_field(b: &[u8], pos: &mut usize, wire: u64) -> Result<()> {
         1 => *pos += 8,
         2 => {
             let n = read_varint(b, pos)? as usize;
-            *pos = pos.checked_add(n).ok_or_else(|| anyhow!("length overflow"))?;
+            *pos = pos
+                .checked_add(n)
+                .ok_or_else(|| anyhow!("length overflow"))?;
         }
         5 => *pos += 4,
         w => bail!("unsupported protobuf wire type {w}"),
@@ -247,17 +271,28 @@ fn parse_sentencepiece(b: &[u8]) -> Result<Vec<Piece>> {
         let (field, wire) = (key >> 3, key & 7);
         if field == 1 && wire == 2 {
             let n = read_varint(b, &mut pos)? as usize;
-            let end = pos.checked_add(n).filter(|&e| e <= b.len()).ok_or_else(|| anyhow!("truncated piece"))?;
+            let end = pos
+                .checked_add(n)
+                .filter(|&e| e <= b.len())
+                .ok_or_else(|| anyhow!("truncated piece"))?;
             let sub = &b[pos..end];
-            let mut p = Piece { text: String::new(), score: 0.0, kind: 1 };
+            let mut p = Piece {
+                text: String::new(),
+                score: 0.0,
+                kind: 1,
+            };
             let mut q = 0;
             while q < sub.len() {
                 let k = read_varint(sub, &mut q)?;
                 match (k >> 3, k & 7) {
                     (1, 2) => {
                         let n = read_varint(sub, &mut q)? as usize;
-                        let e = q.checked_add(n).filter(|&e| e <= sub.len()).ok_or_else(|| anyhow!("truncated piece text"))?;
-                        p.text = String::from_utf8(sub[q..e].to_vec()).map_err(|_| anyhow!("piece is not UTF-8"))?;
+                        let e = q
+                            .checked_add(n)
+                            .filter(|&e| e <= sub.len())
+                            .ok_or_else(|| anyhow!("truncated piece text"))?;
+                        p.text = String::from_utf8(sub[q..e].to_vec())
+                            .map_err(|_| anyhow!("piece is not UTF-8"))?;
                         q = e;
                     }
                     (2, 5) => {
@@ -289,7 +324,13 @@ fn sentencepiece_vocab(ck: &HfCheckpoint, md: &mut Metadata) -> Result<()> {
     let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
     let pieces = parse_sentencepiece(&bytes)
         .map_err(|e| anyhow!("{}: not a SentencePiece model: {e}", path.display()))?;
-    let vocab_size = ck.config.raw.get("vocab_size").and_then(J::as_u64).map(|v| v as usize).unwrap_or(pieces.len());
+    let vocab_size = ck
+        .config
+        .raw
+        .get("vocab_size")
+        .and_then(J::as_u64)
+        .map(|v| v as usize)
+        .unwrap_or(pieces.len());
     let mut tokens: Vec<String> = (0..vocab_size).map(|i| format!("[PAD{i}]")).collect();
     let mut scores = vec![-10000.0f32; vocab_size];
     let mut types = vec![UNUSED; vocab_size];
@@ -308,9 +349,13 @@ fn sentencepiece_vocab(ck: &HfCheckpoint, md: &mut Metadata) -> Result<()> {
         tokens[id] = p.text.clone();
         scores[id] = p.score;
     }
-    if let Some(J::Object(added)) = crate::checkpoint::read_json_opt(&ck.dir.join("added_tokens.json"))? {
+    if let Some(J::Object(added)) =
+        crate::checkpoint::read_json_opt(&ck.dir.join("added_tokens.json"))?
+    {
         for (k, v) in added {
-            let Some(id) = v.as_u64().map(|x| x as usize) else { continue };
+            let Some(id) = v.as_u64().map(|x| x as usize) else {
+                continue;
+            };
             if id >= vocab_size {
                 continue;
             }
@@ -326,7 +371,9 @@ fn sentencepiece_vocab(ck: &HfCheckpoint, md: &mut Metadata) -> Result<()> {
                 if id >= vocab_size {
                     continue;
                 }
-                let Some(content) = data.get("content").and_then(J::as_str) else { continue };
+                let Some(content) = data.get("content").and_then(J::as_str) else {
+                    continue;
+                };
                 let special = data.get("special").and_then(J::as_bool).unwrap_or(false);
                 let mut token = content.to_string();
                 if special || looks_special(&token) {
@@ -374,7 +421,10 @@ impl SpecialVocab {
             chat_template: None,
             lowercase: None,
             strip_accents: None,
-            types: ["bos", "eos", "unk", "sep", "pad", "cls", "mask"].iter().map(|s| s.to_string()).collect(),
+            types: ["bos", "eos", "unk", "sep", "pad", "cls", "mask"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             n_vocab,
         };
         sv.from_tokenizer_json(dir, load_merges)?;
@@ -396,7 +446,9 @@ impl SpecialVocab {
     }
 
     fn set_special(&mut self, typ: &str, id: Option<&J>) -> Result<()> {
-        let Some(id) = id.and_then(J::as_i64) else { return Ok(()) };
+        let Some(id) = id.and_then(J::as_i64) else {
+            return Ok(());
+        };
         if id < 0 {
             bail!("invalid value for special token type {typ}: {id}");
         }
@@ -439,18 +491,35 @@ impl SpecialVocab {
                 if let Some(J::Array(m)) = t.get("model").and_then(|m| m.get("merges")) {
                     if let Some(first) = m.first() {
                         if first.is_string() {
-                            self.merges = m.iter().filter_map(|x| x.as_str().map(str::to_string)).collect();
-                        } else if first.as_array().is_some_and(|p| p.len() == 2 && p[0].is_string()) {
-                            let enc = |s: &str| s.chars().map(|c| if c == ' ' { '\u{0120}' } else { c }).collect::<String>();
+                            self.merges = m
+                                .iter()
+                                .filter_map(|x| x.as_str().map(str::to_string))
+                                .collect();
+                        } else if first
+                            .as_array()
+                            .is_some_and(|p| p.len() == 2 && p[0].is_string())
+                        {
+                            let enc = |s: &str| {
+                                s.chars()
+                                    .map(|c| if c == ' ' { '\u{0120}' } else { c })
+                                    .collect::<String>()
+                            };
                             self.merges = m
                                 .iter()
                                 .filter_map(|p| {
                                     let p = p.as_array()?;
-                                    Some(format!("{} {}", enc(p.first()?.as_str()?), enc(p.get(1)?.as_str()?)))
+                                    Some(format!(
+                                        "{} {}",
+                                        enc(p.first()?.as_str()?),
+                                        enc(p.get(1)?.as_str()?)
+                                    ))
                                 })
                                 .collect();
                         } else {
-                            bail!("{}: unknown tokenizer merges format", dir.join("tokenizer.json").display());
+                            bail!(
+                                "{}: unknown tokenizer merges format",
+                                dir.join("tokenizer.json").display()
+                            );
                         }
                     }
                 }
@@ -462,12 +531,18 @@ impl SpecialVocab {
                 added_tokens = a.clone();
             }
         }
-        let mut tc: Option<Map<String, J>> = match crate::checkpoint::read_json_opt(&dir.join("tokenizer_config.json"))? {
-            Some(J::Object(m)) => Some(m),
-            _ => None,
-        };
+        let mut tc: Option<Map<String, J>> =
+            match crate::checkpoint::read_json_opt(&dir.join("tokenizer_config.json"))? {
+                Some(J::Object(m)) => Some(m),
+                _ => None,
+            };
         if let Some(t) = &tokenizer {
-            let getv = |tc: &Option<Map<String, J>>, k: &str| -> J { tc.as_ref().and_then(|m| m.get(k)).cloned().unwrap_or(J::Null) };
+            let getv = |tc: &Option<Map<String, J>>, k: &str| -> J {
+                tc.as_ref()
+                    .and_then(|m| m.get(k))
+                    .cloned()
+                    .unwrap_or(J::Null)
+            };
             let truthy = |v: &J| match v {
                 J::Null => false,
                 J::Bool(b) => *b,
@@ -476,18 +551,23 @@ impl SpecialVocab {
                 J::Array(a) => !a.is_empty(),
                 J::Number(n) => n.as_f64() != Some(0.0),
             };
-            let tc_truthy = |tc: &Option<Map<String, J>>| tc.as_ref().is_some_and(|m| !m.is_empty());
+            let tc_truthy =
+                |tc: &Option<Map<String, J>>| tc.as_ref().is_some_and(|m| !m.is_empty());
             let mut special_bos = getv(&tc, "bos_token");
             let mut special_cls = getv(&tc, "cls_token");
             let mut special_eos = getv(&tc, "eos_token");
             let mut special_sep = getv(&tc, "sep_token");
             if !truthy(&special_bos) && truthy(&special_cls) && tc_truthy(&tc) {
                 special_bos = special_cls.clone();
-                tc.as_mut().unwrap().insert("bos_token".into(), special_bos.clone());
+                tc.as_mut()
+                    .unwrap()
+                    .insert("bos_token".into(), special_bos.clone());
             }
             if !truthy(&special_eos) && truthy(&special_sep) && tc_truthy(&tc) {
                 special_eos = special_sep.clone();
-                tc.as_mut().unwrap().insert("eos_token".into(), special_eos.clone());
+                tc.as_mut()
+                    .unwrap()
+                    .insert("eos_token".into(), special_eos.clone());
             }
             if let Some(pp) = t.get("post_processor").filter(|p| truthy(p)) {
                 let procs: Vec<J> = match pp.get("processors") {
@@ -505,18 +585,43 @@ impl SpecialVocab {
                             self.set_add("eos", true, false);
                             self.set_add("sep", true, false);
                             if !truthy(&special_cls) && tc_truthy(&tc) {
-                                special_cls = p.get("cls").and_then(|c| c.get(0)).cloned().unwrap_or(special_bos.clone());
-                                tc.as_mut().unwrap().insert("cls_token".into(), special_cls.clone());
+                                special_cls = p
+                                    .get("cls")
+                                    .and_then(|c| c.get(0))
+                                    .cloned()
+                                    .unwrap_or(special_bos.clone());
+                                tc.as_mut()
+                                    .unwrap()
+                                    .insert("cls_token".into(), special_cls.clone());
                             }
                             if !truthy(&special_sep) && tc_truthy(&tc) {
-                                special_sep = p.get("sep").and_then(|c| c.get(0)).cloned().unwrap_or(special_eos.clone());
-                                tc.as_mut().unwrap().insert("sep_token".into(), special_sep.clone());
+                                special_sep = p
+                                    .get("sep")
+                                    .and_then(|c| c.get(0))
+                                    .cloned()
+                                    .unwrap_or(special_eos.clone());
+                                tc.as_mut()
+                                    .unwrap()
+                                    .insert("sep_token".into(), special_sep.clone());
                             }
                         }
                         Some("TemplateProcessing") => {
-                            let single = p.get("single").and_then(J::as_array).cloned().unwrap_or_default();
-                            let pair = p.get("pair").and_then(J::as_array).cloned().unwrap_or_default();
-                            let sp_id = |x: &J| -> J { x.get("SpecialToken").and_then(|s| s.get("id")).cloned().unwrap_or(J::Null) };
+                            let single = p
+                                .get("single")
+                                .and_then(J::as_array)
+                                .cloned()
+                                .unwrap_or_default();
+                            let pair = p
+                                .get("pair")
+                                .and_then(J::as_array)
+                                .cloned()
+                                .unwrap_or_default();
+                            let sp_id = |x: &J| -> J {
+                                x.get("SpecialToken")
+                                    .and_then(|s| s.get("id"))
+                                    .cloned()
+                                    .unwrap_or(J::Null)
+                            };
                             let mut special_first = J::Null;
                             let mut special_last = J::Null;
                             if single.len() > 1 {
@@ -524,17 +629,24 @@ impl SpecialVocab {
                                 if truthy(&special_first) {
                                     if !tc_truthy(&tc) {
                                         special_bos = special_first.clone();
-                                    } else if special_first != special_bos && special_first != special_cls {
+                                    } else if special_first != special_bos
+                                        && special_first != special_cls
+                                    {
                                         if !truthy(&special_bos) {
                                             special_bos = special_first.clone();
-                                            tc.as_mut().unwrap().insert("bos_token".into(), special_bos.clone());
+                                            tc.as_mut()
+                                                .unwrap()
+                                                .insert("bos_token".into(), special_bos.clone());
                                         }
                                         if !truthy(&special_cls) {
                                             special_cls = special_first.clone();
-                                            tc.as_mut().unwrap().insert("cls_token".into(), special_cls.clone());
+                                            tc.as_mut()
+                                                .unwrap()
+                                                .insert("cls_token".into(), special_cls.clone());
                                         }
                                     }
-                                    let v = special_first == special_bos || special_first == special_cls;
+                                    let v = special_first == special_bos
+                                        || special_first == special_cls;
                                     self.set_add("bos", v, false);
                                 }
                                 special_last = sp_id(&single[single.len() - 1]);
@@ -558,30 +670,59 @@ impl SpecialVocab {
                                 }
                             }
                             if !pair.is_empty() {
-                                let seq_start = if truthy(&special_first) && sp_id(&pair[0]) == special_first { 1 } else { 0 };
-                                let seq_stop_trim = truthy(&special_last) && sp_id(&pair[pair.len() - 1]) == special_last;
-                                let end = if seq_stop_trim { pair.len().saturating_sub(1) } else { pair.len() };
-                                let tp: Vec<J> = if seq_start < end { pair[seq_start..end].to_vec() } else { vec![] };
+                                let seq_start =
+                                    if truthy(&special_first) && sp_id(&pair[0]) == special_first {
+                                        1
+                                    } else {
+                                        0
+                                    };
+                                let seq_stop_trim = truthy(&special_last)
+                                    && sp_id(&pair[pair.len() - 1]) == special_last;
+                                let end = if seq_stop_trim {
+                                    pair.len().saturating_sub(1)
+                                } else {
+                                    pair.len()
+                                };
+                                let tp: Vec<J> = if seq_start < end {
+                                    pair[seq_start..end].to_vec()
+                                } else {
+                                    vec![]
+                                };
                                 if !tp.is_empty() {
-                                    let seq_id = |x: &J| x.get("Sequence").and_then(|s| s.get("id")).and_then(J::as_str).map(str::to_string);
+                                    let seq_id = |x: &J| {
+                                        x.get("Sequence")
+                                            .and_then(|s| s.get("id"))
+                                            .and_then(J::as_str)
+                                            .map(str::to_string)
+                                    };
                                     let a = seq_id(&tp[0]);
                                     let b = seq_id(&tp[tp.len() - 1]);
-                                    if a.as_deref() == Some("A") && b.as_deref() == Some("B") && tp.len() > 2 {
+                                    if a.as_deref() == Some("A")
+                                        && b.as_deref() == Some("B")
+                                        && tp.len() > 2
+                                    {
                                         let mid = &tp[1..tp.len() - 1];
                                         let mut add_sep = false;
                                         let e0 = sp_id(&mid[0]);
-                                        if truthy(&e0) && (e0 == special_sep || e0 == special_eos) && !truthy(&special_last) {
+                                        if truthy(&e0)
+                                            && (e0 == special_sep || e0 == special_eos)
+                                            && !truthy(&special_last)
+                                        {
                                             add_sep = true;
                                         }
                                         if mid.len() == 2 {
                                             let e1 = sp_id(&mid[1]);
-                                            if truthy(&e1) && (e1 == special_sep || e1 == special_eos) {
+                                            if truthy(&e1)
+                                                && (e1 == special_sep || e1 == special_eos)
+                                            {
                                                 add_sep = true;
                                             }
                                         }
                                         self.set_add("sep", add_sep, false);
                                         if add_sep && !truthy(&special_sep) && tc_truthy(&tc) {
-                                            tc.as_mut().unwrap().insert("sep_token".into(), special_eos.clone());
+                                            tc.as_mut()
+                                                .unwrap()
+                                                .insert("sep_token".into(), special_eos.clone());
                                         }
                                     }
                                 }
@@ -592,13 +733,16 @@ impl SpecialVocab {
                 }
             }
         }
-        let Some(tc) = tc.filter(|m| !m.is_empty()) else { return Ok(()) };
+        let Some(tc) = tc.filter(|m| !m.is_empty()) else {
+            return Ok(());
+        };
         // chat template: tokenizer_config's, else chat_template.jinja (+ additional), else chat_template.json
         let mut alt: Option<J> = None;
         let jinja = dir.join("chat_template.jinja");
         let json = dir.join("chat_template.json");
         if jinja.is_file() {
-            let text = std::fs::read_to_string(&jinja).with_context(|| format!("{}: cannot read", jinja.display()))?;
+            let text = std::fs::read_to_string(&jinja)
+                .with_context(|| format!("{}: cannot read", jinja.display()))?;
             let extra_dir = dir.join("additional_chat_templates");
             let mut extras: Vec<(String, String)> = vec![];
             if extra_dir.is_dir() {
@@ -620,7 +764,8 @@ impl SpecialVocab {
                 alt = Some(J::Array(list));
             }
         } else if json.is_file() {
-            alt = crate::checkpoint::read_json_opt(&json)?.and_then(|v| v.get("chat_template").cloned());
+            alt = crate::checkpoint::read_json_opt(&json)?
+                .and_then(|v| v.get("chat_template").cloned());
         }
         let ct = tc.get("chat_template").cloned().or(alt);
         self.chat_template = match ct {
@@ -653,7 +798,9 @@ impl SpecialVocab {
     }
 
     fn from_config_json(&mut self, dir: &Path) -> Result<()> {
-        let Some(cfg) = crate::checkpoint::read_json_opt(&dir.join("config.json"))? else { return Ok(()) };
+        let Some(cfg) = crate::checkpoint::read_json_opt(&dir.join("config.json"))? else {
+            return Ok(());
+        };
         let types = self.types.clone();
         for typ in &types {
             let key = format!("{typ}_token_id");
@@ -691,7 +838,10 @@ impl SpecialVocab {
 
     fn add_to(&self, md: &mut Metadata) {
         if !self.merges.is_empty() {
-            md.set("tokenizer.ggml.merges", Value::Array(Array::Str(self.merges.clone())));
+            md.set(
+                "tokenizer.ggml.merges",
+                Value::Array(Array::Str(self.merges.clone())),
+            );
         }
         for (typ, id) in &self.ids {
             let key = match typ.as_str() {
@@ -715,7 +865,9 @@ impl SpecialVocab {
             md.set(key, Value::Bool(*v));
         }
         match &self.chat_template {
-            Some(J::String(s)) if !s.is_empty() => md.set("tokenizer.chat_template", Value::Str(s.clone())),
+            Some(J::String(s)) if !s.is_empty() => {
+                md.set("tokenizer.chat_template", Value::Str(s.clone()))
+            }
             Some(J::Array(list)) => {
                 let mut default = None;
                 let mut names: Vec<String> = vec![];
@@ -727,7 +879,9 @@ impl SpecialVocab {
                         .chars()
                         .map(|ch| if ch.is_ascii_alphanumeric() { ch } else { '_' })
                         .collect();
-                    let Some(t) = c.get("template").and_then(J::as_str) else { continue };
+                    let Some(t) = c.get("template").and_then(J::as_str) else {
+                        continue;
+                    };
                     if name.is_empty() {
                         continue;
                     }
@@ -738,7 +892,10 @@ impl SpecialVocab {
                             names.push(name.clone());
                         }
                         if !t.is_empty() {
-                            md.set(&format!("tokenizer.chat_template.{name}"), Value::Str(t.to_string()));
+                            md.set(
+                                &format!("tokenizer.chat_template.{name}"),
+                                Value::Str(t.to_string()),
+                            );
                         }
                     }
                 }

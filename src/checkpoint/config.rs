@@ -81,18 +81,25 @@ pub struct ModelConfig {
 }
 
 fn as_usize(v: &Value, key: &str, path: &Path) -> Result<usize> {
-    v.as_u64()
-        .map(|x| x as usize)
-        .ok_or_else(|| anyhow!("{}: key {key:?} must be a non-negative integer, got {v}", path.display()))
+    v.as_u64().map(|x| x as usize).ok_or_else(|| {
+        anyhow!(
+            "{}: key {key:?} must be a non-negative integer, got {v}",
+            path.display()
+        )
+    })
 }
 
 impl ModelConfig {
     pub fn load(dir: &Path) -> Result<ModelConfig> {
         let path = dir.join("config.json");
         if !path.is_file() {
-            bail!("{}: config.json is missing (not a Hugging Face model folder?)", dir.display());
+            bail!(
+                "{}: config.json is missing (not a Hugging Face model folder?)",
+                dir.display()
+            );
         }
-        let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
         Self::from_json(&path, v)
@@ -111,16 +118,29 @@ impl ModelConfig {
         let class = archs
             .and_then(|a| a.first())
             .and_then(Value::as_str)
-            .ok_or_else(|| anyhow!("{}: key \"architectures\" is missing or empty", path.display()))?
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: key \"architectures\" is missing or empty",
+                    path.display()
+                )
+            })?
             .to_string();
-        let arch = arch_table().iter().find(|a| a.hf_class == class).cloned().ok_or_else(|| {
-            anyhow!(
-                "{}: architecture {class:?} is not supported (supported: {})",
-                path.display(),
-                supported_architectures().join(", ")
-            )
-        })?;
-        let get = |k: &str| raw.get(k).filter(|v| !v.is_null()).or_else(|| arch.defaults.get(k));
+        let arch = arch_table()
+            .iter()
+            .find(|a| a.hf_class == class)
+            .cloned()
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: architecture {class:?} is not supported (supported: {})",
+                    path.display(),
+                    supported_architectures().join(", ")
+                )
+            })?;
+        let get = |k: &str| {
+            raw.get(k)
+                .filter(|v| !v.is_null())
+                .or_else(|| arch.defaults.get(k))
+        };
         let need = |k: &str| -> Result<usize> {
             let v = get(k).ok_or_else(|| anyhow!("{}: key {k:?} is missing", path.display()))?;
             as_usize(v, k, path)
@@ -155,15 +175,23 @@ impl ModelConfig {
             }
         };
         if head_dim == 0 || head_dim % 2 != 0 {
-            bail!("{}: head dimension {head_dim} must be even and non-zero", path.display());
+            bail!(
+                "{}: head dimension {head_dim} must be even and non-zero",
+                path.display()
+            );
         }
         let intermediate_size = need("intermediate_size")?;
         let vocab_size = need("vocab_size")?;
-        let rms_norm_eps = get("rms_norm_eps")
-            .and_then(Value::as_f64)
-            .ok_or_else(|| anyhow!("{}: key \"rms_norm_eps\" is missing or not a number", path.display()))?;
+        let rms_norm_eps = get("rms_norm_eps").and_then(Value::as_f64).ok_or_else(|| {
+            anyhow!(
+                "{}: key \"rms_norm_eps\" is missing or not a number",
+                path.display()
+            )
+        })?;
         let max_position_embeddings = get("max_position_embeddings").and_then(Value::as_u64);
-        let tie_word_embeddings = get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false);
+        let tie_word_embeddings = get("tie_word_embeddings")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
 
         // RoPE: transformers 5 `rope_parameters`, or transformers 4 `rope_theta` + `rope_scaling`.
         let mut params = raw
@@ -173,7 +201,11 @@ impl ModelConfig {
             .cloned()
             .unwrap_or_default();
         if !params.contains_key("rope_theta") {
-            if let Some(t) = raw.get("rope_theta").filter(|v| !v.is_null()).or_else(|| arch.defaults.get("rope_theta")) {
+            if let Some(t) = raw
+                .get("rope_theta")
+                .filter(|v| !v.is_null())
+                .or_else(|| arch.defaults.get("rope_theta"))
+            {
                 params.insert("rope_theta".into(), t.clone());
             }
         }
@@ -189,7 +221,10 @@ impl ModelConfig {
         }
         let rope = Rope {
             theta: params.get("rope_theta").and_then(Value::as_f64),
-            rope_type: params.get("rope_type").and_then(Value::as_str).map(str::to_string),
+            rope_type: params
+                .get("rope_type")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             params,
         };
         if let Some(t) = &rope.rope_type {
@@ -204,7 +239,10 @@ impl ModelConfig {
         }
         for k in ["num_local_experts", "num_experts"] {
             if raw.get(k).and_then(Value::as_u64).unwrap_or(0) > 1 {
-                bail!("{}: mixture-of-experts models ({k} > 1) are not supported", path.display());
+                bail!(
+                    "{}: mixture-of-experts models ({k} > 1) are not supported",
+                    path.display()
+                );
             }
         }
         Ok(ModelConfig {

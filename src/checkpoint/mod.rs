@@ -35,15 +35,26 @@ pub fn shard_names(dir: &Path) -> Result<(Vec<String>, Option<HashMap<String, St
         let wm = v
             .get("weight_map")
             .and_then(Value::as_object)
-            .ok_or_else(|| anyhow!("{}: key \"weight_map\" is missing or not an object", index_path.display()))?;
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: key \"weight_map\" is missing or not an object",
+                    index_path.display()
+                )
+            })?;
         let mut map = HashMap::new();
         let mut files = BTreeSet::new();
         for (k, f) in wm {
-            let f = f
-                .as_str()
-                .ok_or_else(|| anyhow!("{}: weight_map[{k:?}] is not a file name", index_path.display()))?;
+            let f = f.as_str().ok_or_else(|| {
+                anyhow!(
+                    "{}: weight_map[{k:?}] is not a file name",
+                    index_path.display()
+                )
+            })?;
             if f.contains('/') || f.contains("..") {
-                bail!("{}: weight_map[{k:?}] = {f:?} is not a plain file name", index_path.display());
+                bail!(
+                    "{}: weight_map[{k:?}] = {f:?} is not a plain file name",
+                    index_path.display()
+                );
             }
             files.insert(f.to_string());
             map.insert(k.clone(), f.to_string());
@@ -65,7 +76,9 @@ impl HfCheckpoint {
         let config = ModelConfig::load(dir)?;
         let (names, weight_map) = shard_names(dir)?;
         if names.is_empty() {
-            if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
+            if dir.join("pytorch_model.bin").exists()
+                || dir.join("pytorch_model.bin.index.json").exists()
+            {
                 bail!(
                     "{}: only PyTorch .bin weights found; ftconv reads safetensors (re-save with save_pretrained(safe_serialization=True))",
                     dir.display()
@@ -77,7 +90,10 @@ impl HfCheckpoint {
         for n in &names {
             let p = dir.join(n);
             if !p.is_file() {
-                bail!("{}: shard listed in model.safetensors.index.json is missing", p.display());
+                bail!(
+                    "{}: shard listed in model.safetensors.index.json is missing",
+                    p.display()
+                );
             }
             shards.push(StFile::open(&p)?);
         }
@@ -88,7 +104,11 @@ impl HfCheckpoint {
             ts.sort_by(|a, b| a.name.cmp(&b.name));
             for t in ts {
                 if index.contains_key(&t.name) {
-                    bail!("{}: tensor {:?} appears in more than one shard", s.path.display(), t.name);
+                    bail!(
+                        "{}: tensor {:?} appears in more than one shard",
+                        s.path.display(),
+                        t.name
+                    );
                 }
                 index.insert(t.name.clone(), tensors.len());
                 tensors.push(t.clone());
@@ -102,7 +122,10 @@ impl HfCheckpoint {
                         dir.display()
                     ),
                     Some(&i) => {
-                        let actual = tensors[i].file.file_name().map(|n| n.to_string_lossy().to_string());
+                        let actual = tensors[i]
+                            .file
+                            .file_name()
+                            .map(|n| n.to_string_lossy().to_string());
                         if actual.as_deref() != Some(f.as_str()) {
                             bail!(
                                 "{}: tensor {k:?} is in {} but the index says {f}",
@@ -115,11 +138,21 @@ impl HfCheckpoint {
             }
             for t in &tensors {
                 if !wm.contains_key(&t.name) {
-                    bail!("{}: tensor {:?} is not listed in model.safetensors.index.json", t.file.display(), t.name);
+                    bail!(
+                        "{}: tensor {:?} is not listed in model.safetensors.index.json",
+                        t.file.display(),
+                        t.name
+                    );
                 }
             }
         }
-        Ok(HfCheckpoint { dir: dir.to_path_buf(), config, shards, tensors, index })
+        Ok(HfCheckpoint {
+            dir: dir.to_path_buf(),
+            config,
+            shards,
+            tensors,
+            index,
+        })
     }
 
     pub fn get(&self, name: &str) -> Option<&TensorRef> {
@@ -149,7 +182,9 @@ impl HfCheckpoint {
 /// The folder's own name (resolving `.` and trailing slashes).
 pub fn model_dir_name(dir: &Path) -> String {
     let abs = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    abs.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model".into())
+    abs.file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into())
 }
 
 /// Read a JSON file if it exists; a file that exists but is not JSON is an error.
@@ -157,8 +192,10 @@ pub fn read_json_opt(path: &Path) -> Result<Option<Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let v = serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let v = serde_json::from_str(&text)
+        .map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
     Ok(Some(v))
 }
 
@@ -193,11 +230,15 @@ pub fn detect(path: &Path) -> Result<InputKind> {
             }
             return Ok(InputKind::HfFolder);
         }
-        bail!("{}: neither a model folder (config.json) nor a PEFT adapter (adapter_config.json)", path.display());
+        bail!(
+            "{}: neither a model folder (config.json) nor a PEFT adapter (adapter_config.json)",
+            path.display()
+        );
     }
     let mut magic = [0u8; 4];
     use std::io::Read;
-    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let n = f.read(&mut magic).unwrap_or(0);
     if n == 4 && &magic == b"GGUF" {
         return Ok(InputKind::Gguf);

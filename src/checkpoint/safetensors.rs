@@ -35,7 +35,14 @@ pub struct TensorRef {
 
 impl std::fmt::Debug for TensorRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {:?} {:?} ({})", self.name, self.dtype, self.shape, self.file.display())
+        write!(
+            f,
+            "{}: {:?} {:?} ({})",
+            self.name,
+            self.dtype,
+            self.shape,
+            self.file.display()
+        )
     }
 }
 
@@ -51,7 +58,11 @@ impl TensorRef {
 
     /// Rows of the 2-D view (all dims but the last); 1 for a 1-D tensor.
     pub fn rows(&self) -> usize {
-        if self.shape.len() <= 1 { 1 } else { self.shape[..self.shape.len() - 1].iter().product() }
+        if self.shape.len() <= 1 {
+            1
+        } else {
+            self.shape[..self.shape.len() - 1].iter().product()
+        }
     }
 
     /// Columns of the 2-D view (the last dim).
@@ -129,14 +140,24 @@ pub fn release_range(map: &Mmap, start: usize, len: usize) {
 fn describe(e: &SafeTensorError) -> String {
     match e {
         SafeTensorError::HeaderTooSmall => "file too small to hold a safetensors header".into(),
-        SafeTensorError::InvalidHeaderLength => "header length runs past the end of the file".into(),
+        SafeTensorError::InvalidHeaderLength => {
+            "header length runs past the end of the file".into()
+        }
         SafeTensorError::HeaderTooLarge => "header length is larger than 100 MB".into(),
         SafeTensorError::InvalidHeader(_) => "header is not valid UTF-8".into(),
-        SafeTensorError::InvalidHeaderDeserialization(err) => format!("header is not valid safetensors JSON: {err}"),
-        SafeTensorError::InvalidOffset(n) => format!("tensor {n:?}: data offsets are outside the file or not contiguous"),
-        SafeTensorError::MetadataIncompleteBuffer => "data offsets do not cover the data section exactly (truncated or padded file)".into(),
+        SafeTensorError::InvalidHeaderDeserialization(err) => {
+            format!("header is not valid safetensors JSON: {err}")
+        }
+        SafeTensorError::InvalidOffset(n) => {
+            format!("tensor {n:?}: data offsets are outside the file or not contiguous")
+        }
+        SafeTensorError::MetadataIncompleteBuffer => {
+            "data offsets do not cover the data section exactly (truncated or padded file)".into()
+        }
         SafeTensorError::ValidationOverflow => "a tensor's shape or byte size overflows".into(),
-        SafeTensorError::TensorInvalidInfo => "a tensor's shape and dtype do not match its data size".into(),
+        SafeTensorError::TensorInvalidInfo => {
+            "a tensor's shape and dtype do not match its data size".into()
+        }
         other => other.to_string(),
     }
 }
@@ -155,20 +176,33 @@ fn diagnose(bytes: &[u8]) -> Option<String> {
             "F64" | "I64" | "U64" | "C64" => Some(8),
             "F32" | "I32" | "U32" => Some(4),
             "F16" | "BF16" | "I16" | "U16" => Some(2),
-            "U8" | "I8" | "BOOL" | "F8_E4M3" | "F8_E5M2" | "F8_E8M0" | "F8_E4M3FNUZ" | "F8_E5M2FNUZ" => Some(1),
+            "U8" | "I8" | "BOOL" | "F8_E4M3" | "F8_E5M2" | "F8_E8M0" | "F8_E4M3FNUZ"
+            | "F8_E5M2FNUZ" => Some(1),
             _ => None,
         };
         let Some(size) = size else {
             return Some(format!("tensor {name:?}: unknown dtype {dtype:?}"));
         };
-        let shape: Vec<u64> = info.get("shape")?.as_array()?.iter().filter_map(|d| d.as_u64()).collect();
+        let shape: Vec<u64> = info
+            .get("shape")?
+            .as_array()?
+            .iter()
+            .filter_map(|d| d.as_u64())
+            .collect();
         let Some(count) = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d)) else {
             return Some(format!("tensor {name:?}: shape {shape:?} overflows"));
         };
         let Some(bytes_needed) = count.checked_mul(size) else {
-            return Some(format!("tensor {name:?}: byte size of shape {shape:?} overflows"));
+            return Some(format!(
+                "tensor {name:?}: byte size of shape {shape:?} overflows"
+            ));
         };
-        let offs: Vec<u64> = info.get("data_offsets")?.as_array()?.iter().filter_map(|d| d.as_u64()).collect();
+        let offs: Vec<u64> = info
+            .get("data_offsets")?
+            .as_array()?
+            .iter()
+            .filter_map(|d| d.as_u64())
+            .collect();
         if offs.len() == 2 && offs[1] >= offs[0] && offs[1] - offs[0] != bytes_needed {
             return Some(format!(
                 "tensor {name:?}: shape {shape:?} × {dtype} needs {bytes_needed} bytes but its offsets span {}",
@@ -176,7 +210,9 @@ fn diagnose(bytes: &[u8]) -> Option<String> {
             ));
         }
         if offs.len() == 2 && (8 + n as u64).saturating_add(offs[1]) > bytes.len() as u64 {
-            return Some(format!("tensor {name:?}: data ends past the end of the file (truncated?)"));
+            return Some(format!(
+                "tensor {name:?}: data ends past the end of the file (truncated?)"
+            ));
         }
     }
     None
@@ -185,12 +221,15 @@ fn diagnose(bytes: &[u8]) -> Option<String> {
 impl StFile {
     pub fn open(path: &Path) -> Result<StFile> {
         let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-        let meta = file.metadata().with_context(|| format!("{}: cannot stat", path.display()))?;
+        let meta = file
+            .metadata()
+            .with_context(|| format!("{}: cannot stat", path.display()))?;
         if meta.len() == 0 {
             bail!("{}: empty file (not a safetensors file)", path.display());
         }
         // SAFETY: read-only map of an input file that ftconv never writes.
-        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot memory-map", path.display()))?;
+        let map = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("{}: cannot memory-map", path.display()))?;
         let map = Arc::new(map);
         let (n, md) = match SafeTensors::read_metadata(&map[..]) {
             Ok(x) => x,
@@ -208,7 +247,9 @@ impl StFile {
         let file_arc = Arc::new(path.to_path_buf());
         let mut tensors = Vec::new();
         for name in md.offset_keys() {
-            let info = md.info(&name).ok_or_else(|| anyhow!("{}: missing info for {name:?}", path.display()))?;
+            let info = md
+                .info(&name)
+                .ok_or_else(|| anyhow!("{}: missing info for {name:?}", path.display()))?;
             let (a, b) = info.data_offsets;
             tensors.push(TensorRef {
                 name: name.clone(),
@@ -220,7 +261,12 @@ impl StFile {
                 map: map.clone(),
             });
         }
-        Ok(StFile { path: path.to_path_buf(), map, tensors, metadata: md.metadata().clone() })
+        Ok(StFile {
+            path: path.to_path_buf(),
+            map,
+            tensors,
+            metadata: md.metadata().clone(),
+        })
     }
 
     pub fn get(&self, name: &str) -> Option<&TensorRef> {

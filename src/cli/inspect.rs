@@ -49,13 +49,25 @@ pub fn run(a: Args, _quiet: bool) -> Result<()> {
             info.insert("alignment".into(), json!(g.alignment));
             if let Some(ft) = g.metadata.get_u64("general.file_type") {
                 let name = crate::quant::Ftype::from_id(ft as u32).map(|f| f.name().to_string());
-                info.insert("file_type".into(), json!(name.unwrap_or_else(|| ft.to_string())));
+                info.insert(
+                    "file_type".into(),
+                    json!(name.unwrap_or_else(|| ft.to_string())),
+                );
             }
             for (k, v) in g.metadata.iter() {
-                meta.push((k.to_string(), v.value_type().name().to_string(), json!(v.summary(6))));
+                meta.push((
+                    k.to_string(),
+                    v.value_type().name().to_string(),
+                    json!(v.summary(6)),
+                ));
             }
             for t in &g.tensors {
-                rows.push(Row { name: t.name.clone(), dtype: t.type_name(), shape: t.torch_shape(), bytes: t.size });
+                rows.push(Row {
+                    name: t.name.clone(),
+                    dtype: t.type_name(),
+                    shape: t.torch_shape(),
+                    bytes: t.size,
+                });
             }
         }
         InputKind::SafetensorsFile => {
@@ -73,20 +85,35 @@ pub fn run(a: Args, _quiet: bool) -> Result<()> {
     }
     let params: u64 = rows
         .iter()
-        .filter(|r| !r.name.contains("absmax") && !r.name.contains("quant_map") && !r.name.contains("quant_state"))
+        .filter(|r| {
+            !r.name.contains("absmax")
+                && !r.name.contains("quant_map")
+                && !r.name.contains("quant_state")
+        })
         .map(|r| {
             let n: u64 = r.shape.iter().product();
             // packed 4-bit weights hold two values per byte
-            if kind == InputKind::Nf4Folder && r.dtype == "U8" { n * 2 } else { n }
+            if kind == InputKind::Nf4Folder && r.dtype == "U8" {
+                n * 2
+            } else {
+                n
+            }
         })
         .sum();
     info.insert("parameters".into(), json!(params));
     info.insert("tensor_count".into(), json!(rows.len()));
-    info.insert("tensor_bytes".into(), json!(rows.iter().map(|r| r.bytes).sum::<u64>()));
+    info.insert(
+        "tensor_bytes".into(),
+        json!(rows.iter().map(|r| r.bytes).sum::<u64>()),
+    );
     if a.json {
         info.insert(
             "metadata".into(),
-            Value::Array(meta.iter().map(|(k, t, v)| json!({"key": k, "type": t, "value": v})).collect()),
+            Value::Array(
+                meta.iter()
+                    .map(|(k, t, v)| json!({"key": k, "type": t, "value": v}))
+                    .collect(),
+            ),
         );
         info.insert(
             "tensors".into(),
@@ -106,7 +133,11 @@ pub fn run(a: Args, _quiet: bool) -> Result<()> {
         };
         println!("  {k}: {s}");
     }
-    println!("  parameters: {} ({})", params, crate::arch::size_label(params));
+    println!(
+        "  parameters: {} ({})",
+        params,
+        crate::arch::size_label(params)
+    );
     if !meta.is_empty() {
         println!("metadata ({} keys):", meta.len());
         for (k, t, v) in &meta {
@@ -117,11 +148,23 @@ pub fn run(a: Args, _quiet: bool) -> Result<()> {
             println!("  {k} [{t}] = {s}");
         }
     }
-    println!("tensors ({}, {}):", rows.len(), human_bytes(rows.iter().map(|r| r.bytes).sum()));
+    println!(
+        "tensors ({}, {}):",
+        rows.len(),
+        human_bytes(rows.iter().map(|r| r.bytes).sum())
+    );
     let limit = if a.all { rows.len() } else { 40 };
     for r in rows.iter().take(limit) {
-        let shape = r.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
-        println!("  {:<48} {:>6} {:>16} {:>12}", r.name, r.dtype, shape, r.bytes);
+        let shape = r
+            .shape
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("x");
+        println!(
+            "  {:<48} {:>6} {:>16} {:>12}",
+            r.name, r.dtype, shape, r.bytes
+        );
     }
     if rows.len() > limit {
         println!("  … {} more (use --all)", rows.len() - limit);
@@ -140,22 +183,51 @@ fn st_rows(f: &StFile, rows: &mut Vec<Row>) {
     }
 }
 
-fn folder(dir: &Path, kind: InputKind, info: &mut serde_json::Map<String, Value>, rows: &mut Vec<Row>) -> Result<()> {
+fn folder(
+    dir: &Path,
+    kind: InputKind,
+    info: &mut serde_json::Map<String, Value>,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
     let files: Vec<String> = if kind == InputKind::PeftAdapter {
         let cfg = read_json_opt(&dir.join("adapter_config.json"))?.unwrap_or(Value::Null);
-        for k in ["peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "modules_to_save"] {
+        for k in [
+            "peft_type",
+            "task_type",
+            "base_model_name_or_path",
+            "r",
+            "lora_alpha",
+            "use_rslora",
+            "use_dora",
+            "target_modules",
+            "modules_to_save",
+        ] {
             if let Some(v) = cfg.get(k) {
                 info.insert(k.into(), v.clone());
             }
         }
         let p = dir.join("adapter_model.safetensors");
-        if p.is_file() { vec!["adapter_model.safetensors".into()] } else { vec![] }
+        if p.is_file() {
+            vec!["adapter_model.safetensors".into()]
+        } else {
+            vec![]
+        }
     } else {
         let cfg = read_json_opt(&dir.join("config.json"))?.unwrap_or(Value::Null);
         if let Some(a) = cfg.get("architectures").and_then(|a| a.get(0)) {
             info.insert("architecture".into(), a.clone());
         }
-        for k in ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size", "tie_word_embeddings", "torch_dtype", "dtype"] {
+        for k in [
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "vocab_size",
+            "tie_word_embeddings",
+            "torch_dtype",
+            "dtype",
+        ] {
             if let Some(v) = cfg.get(k) {
                 info.insert(k.into(), v.clone());
             }
@@ -166,10 +238,16 @@ fn folder(dir: &Path, kind: InputKind, info: &mut serde_json::Map<String, Value>
         checkpoint::shard_names(dir)?.0
     };
     info.insert("files".into(), json!(files));
-    let extras: Vec<&str> = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"]
-        .into_iter()
-        .filter(|f| dir.join(f).is_file())
-        .collect();
+    let extras: Vec<&str> = [
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ]
+    .into_iter()
+    .filter(|f| dir.join(f).is_file())
+    .collect();
     if !extras.is_empty() {
         info.insert("other_files".into(), json!(extras));
     }

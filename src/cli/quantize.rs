@@ -35,7 +35,10 @@ pub fn parse_target(s: &str) -> Result<Target, String> {
         _ => {}
     }
     Ftype::parse(s).map(Target::Gguf).ok_or_else(|| {
-        format!("unknown type {s:?}; expected one of: {}, NF4, FP4", Ftype::names().join(", "))
+        format!(
+            "unknown type {s:?}; expected one of: {}, NF4, FP4",
+            Ftype::names().join(", ")
+        )
     })
 }
 
@@ -68,10 +71,16 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     let ftype = match a.to {
         Target::Gguf(f) => f,
         Target::Nf4 | Target::Fp4 => {
-            return Err(usage(format!("--to {} is not available in this build yet", a.to.name())));
+            return Err(usage(format!(
+                "--to {} is not available in this build yet",
+                a.to.name()
+            )));
         }
     };
-    let opts = QuantOptions { ftype, pure: a.pure };
+    let opts = QuantOptions {
+        ftype,
+        pure: a.pure,
+    };
     let kind = checkpoint::detect(&a.src)?;
     let (plan, name) = match kind {
         InputKind::HfFolder => {
@@ -82,7 +91,9 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
             let stem = file_stem(&a.src);
             (convert::plan_gguf(&a.src, &opts)?, stem)
         }
-        InputKind::SafetensorsFile => (convert::plan_safetensors(&a.src, &opts)?, file_stem(&a.src)),
+        InputKind::SafetensorsFile => {
+            (convert::plan_safetensors(&a.src, &opts)?, file_stem(&a.src))
+        }
         InputKind::PeftAdapter => {
             return Err(usage(format!(
                 "{}: is a PEFT adapter; quantize its base model with --adapter",
@@ -90,10 +101,16 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
             )));
         }
         InputKind::Nf4Folder => {
-            anyhow::bail!("{}: reading NF4 checkpoints is not available in this build yet", a.src.display())
+            anyhow::bail!(
+                "{}: reading NF4 checkpoints is not available in this build yet",
+                a.src.display()
+            )
         }
     };
-    let out = a.output.clone().unwrap_or_else(|| PathBuf::from(format!("{name}-{}.gguf", ftype.name())));
+    let out = a
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{name}-{}.gguf", ftype.name())));
     if a.dry_run {
         print_plan(&plan, &out, a.json);
         return Ok(());
@@ -108,7 +125,9 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
 }
 
 fn file_stem(p: &Path) -> String {
-    p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into())
+    p.file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into())
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -158,23 +177,51 @@ pub fn print_plan(plan: &Plan, out: &Path, json: bool) {
         println!("{}", serde_json::to_string_pretty(&v).unwrap());
         return;
     }
-    println!("plan: {} → {} ({})", plan.type_name, out.display(), human_bytes(plan.output_bytes()));
-    println!("{:<36} {:>16} {:>6} {:>6} {:>12}  from", "tensor", "shape", "src", "type", "bytes");
+    println!(
+        "plan: {} → {} ({})",
+        plan.type_name,
+        out.display(),
+        human_bytes(plan.output_bytes())
+    );
+    println!(
+        "{:<36} {:>16} {:>6} {:>6} {:>12}  from",
+        "tensor", "shape", "src", "type", "bytes"
+    );
     for t in &plan.tensors {
-        let shape = t.shape().iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
+        let shape = t
+            .shape()
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("x");
         let mut from = t.origin.clone();
         if !t.transforms.is_empty() {
             from.push_str(&format!(" [{}]", t.transforms.join(", ")));
         }
-        println!("{:<36} {:>16} {:>6} {:>6} {:>12}  {from}", t.name, shape, t.source_dtype, t.target.name(), t.out_bytes());
+        println!(
+            "{:<36} {:>16} {:>6} {:>6} {:>12}  {from}",
+            t.name,
+            shape,
+            t.source_dtype,
+            t.target.name(),
+            t.out_bytes()
+        );
     }
-    println!("{} metadata keys, {} tensors", plan.metadata.len(), plan.tensors.len());
+    println!(
+        "{} metadata keys, {} tensors",
+        plan.metadata.len(),
+        plan.tensors.len()
+    );
 }
 
 pub fn report(plan: &Plan, out: &Path, s: &Summary, json: bool, quiet: bool) {
     let bpw = s.bytes_out as f64 * 8.0 / s.elements.max(1) as f64;
     let mut worst: Vec<&exec::TensorError> = s.errors.iter().collect();
-    worst.sort_by(|a, b| b.rel_error.partial_cmp(&a.rel_error).unwrap_or(std::cmp::Ordering::Equal));
+    worst.sort_by(|a, b| {
+        b.rel_error
+            .partial_cmp(&a.rel_error)
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
     if json {
         let v = serde_json::json!({
             "output": out,
@@ -198,8 +245,11 @@ pub fn report(plan: &Plan, out: &Path, s: &Summary, json: bool, quiet: bool) {
             s.seconds
         );
         if !worst.is_empty() {
-            let w: Vec<String> =
-                worst.iter().take(3).map(|e| format!("{} {} {:.2e}", e.name, e.ty, e.rel_error)).collect();
+            let w: Vec<String> = worst
+                .iter()
+                .take(3)
+                .map(|e| format!("{} {} {:.2e}", e.name, e.ty, e.rel_error))
+                .collect();
             eprintln!("largest relative quantization error: {}", w.join("; "));
         }
     }

@@ -289,18 +289,25 @@ impl Value {
                     .map(|v| v.summary(0))
                     .collect();
                 let more = if n > max_items { ", …" } else { "" };
-                format!("[{}] × {n} [{}{more}]", a.elem_type().name(), items.join(", "))
+                format!(
+                    "[{}] × {n} [{}{more}]",
+                    a.elem_type().name(),
+                    items.join(", ")
+                )
             }
             Value::F32(v) => format!("{v}"),
             Value::F64(v) => format!("{v}"),
             Value::Bool(b) => format!("{b}"),
-            other => other.as_u64().map(|v| v.to_string()).unwrap_or_else(|| match other {
-                Value::I8(v) => v.to_string(),
-                Value::I16(v) => v.to_string(),
-                Value::I32(v) => v.to_string(),
-                Value::I64(v) => v.to_string(),
-                _ => String::new(),
-            }),
+            other => other
+                .as_u64()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| match other {
+                    Value::I8(v) => v.to_string(),
+                    Value::I16(v) => v.to_string(),
+                    Value::I32(v) => v.to_string(),
+                    Value::I64(v) => v.to_string(),
+                    _ => String::new(),
+                }),
         }
     }
 }

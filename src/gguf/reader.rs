@@ -1,7 +1,7 @@
 //! GGUF reader over a memory map, validating everything llama.cpp's `gguf_init_from_reader`
 //! validates (and refusing absurd sizes before allocating).
 
-use super::{Array, Metadata, Value, ValueType, DEFAULT_ALIGNMENT, MAGIC, MAX_NAME, type_traits};
+use super::{Array, DEFAULT_ALIGNMENT, MAGIC, MAX_NAME, Metadata, Value, ValueType, type_traits};
 use crate::quant::GgmlType;
 use anyhow::{Context, Result, anyhow, bail};
 use memmap2::Mmap;
@@ -115,7 +115,11 @@ impl<'a> Cursor<'a> {
 
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
         if n > self.remaining() {
-            bail!("truncated: {what} at byte {} needs {n} bytes, {} left", self.pos, self.remaining());
+            bail!(
+                "truncated: {what} at byte {} needs {n} bytes, {} left",
+                self.pos,
+                self.remaining()
+            );
         }
         let s = &self.b[self.pos..self.pos + n];
         self.pos += n;
@@ -138,7 +142,10 @@ impl<'a> Cursor<'a> {
     fn string(&mut self, what: &str) -> Result<String> {
         let n = self.u64(what)?;
         if n > self.remaining() as u64 {
-            bail!("truncated or corrupt: {what} claims {n} bytes, {} left in the file", self.remaining());
+            bail!(
+                "truncated or corrupt: {what} claims {n} bytes, {} left in the file",
+                self.remaining()
+            );
         }
         let s = self.take(n as usize, what)?;
         String::from_utf8(s.to_vec()).map_err(|_| anyhow!("{what} is not valid UTF-8"))
@@ -151,7 +158,10 @@ impl<'a> Cursor<'a> {
         }
         let need = (n as u128) * (min_each as u128);
         if need > self.remaining() as u128 {
-            bail!("truncated or corrupt: {what} is {n} but the file has only {} bytes left", self.remaining());
+            bail!(
+                "truncated or corrupt: {what} is {n} but the file has only {} bytes left",
+                self.remaining()
+            );
         }
         Ok(n as usize)
     }
@@ -169,7 +179,8 @@ fn scalar_size(t: ValueType) -> usize {
 
 fn read_array(c: &mut Cursor, key: &str) -> Result<Array> {
     let et = c.u32(key)?;
-    let et = ValueType::from_id(et).ok_or_else(|| anyhow!("key {key:?}: unknown array element type {et}"))?;
+    let et = ValueType::from_id(et)
+        .ok_or_else(|| anyhow!("key {key:?}: unknown array element type {et}"))?;
     if et == ValueType::Array {
         bail!("key {key:?}: arrays of arrays are not allowed");
     }
@@ -177,7 +188,11 @@ fn read_array(c: &mut Cursor, key: &str) -> Result<Array> {
     macro_rules! prim {
         ($variant:ident, $t:ty, $sz:expr) => {{
             let raw = c.take(n * $sz, key)?;
-            Array::$variant(raw.chunks_exact($sz).map(|b| <$t>::from_le_bytes(b.try_into().unwrap())).collect())
+            Array::$variant(
+                raw.chunks_exact($sz)
+                    .map(|b| <$t>::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+            )
         }};
     }
     Ok(match et {
@@ -244,7 +259,10 @@ fn parse_bytes(b: &[u8]) -> Result<Parsed> {
     let mut c = Cursor { b, pos: 0 };
     let magic = c.take(4.min(b.len()), "magic")?;
     if magic != MAGIC {
-        bail!("not a GGUF file (bad magic {:02x?}, expected \"GGUF\")", magic);
+        bail!(
+            "not a GGUF file (bad magic {:02x?}, expected \"GGUF\")",
+            magic
+        );
     }
     let version = c.u32("version")?;
     match version {
@@ -255,12 +273,18 @@ fn parse_bytes(b: &[u8]) -> Result<Parsed> {
     // each tensor info needs at least 8 (name len) + 4 (n_dims) + 4 (type) + 8 (offset) bytes
     let n_tensors = c.u64("tensor count")?;
     let n_kv = c.u64("key/value count")?;
-    for (what, n, min) in [("tensor count", n_tensors, 24u128), ("key/value count", n_kv, 13u128)] {
+    for (what, n, min) in [
+        ("tensor count", n_tensors, 24u128),
+        ("key/value count", n_kv, 13u128),
+    ] {
         if n > i64::MAX as u64 {
             bail!("{what} is negative ({})", n as i64);
         }
         if n as u128 * min > c.remaining() as u128 {
-            bail!("absurd {what} {n}: the file has only {} bytes after the header", c.remaining());
+            bail!(
+                "absurd {what} {n}: the file has only {} bytes after the header",
+                c.remaining()
+            );
         }
     }
 
@@ -274,7 +298,8 @@ fn parse_bytes(b: &[u8]) -> Result<Parsed> {
             bail!("duplicate metadata key {key:?}");
         }
         let t = c.u32(&key)?;
-        let t = ValueType::from_id(t).ok_or_else(|| anyhow!("key {key:?}: unknown value type {t}"))?;
+        let t =
+            ValueType::from_id(t).ok_or_else(|| anyhow!("key {key:?}: unknown value type {t}"))?;
         let v = read_value(&mut c, t, &key)?;
         metadata.set(&key, v);
     }
@@ -282,7 +307,10 @@ fn parse_bytes(b: &[u8]) -> Result<Parsed> {
     let alignment = match metadata.get("general.alignment") {
         None => DEFAULT_ALIGNMENT,
         Some(Value::U32(a)) if *a > 0 && a.is_power_of_two() => *a as u64,
-        Some(v) => bail!("general.alignment must be a power-of-two u32, got {}", v.summary(4)),
+        Some(v) => bail!(
+            "general.alignment must be a power-of-two u32, got {}",
+            v.summary(4)
+        ),
     };
 
     let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors as usize);
@@ -290,7 +318,11 @@ fn parse_bytes(b: &[u8]) -> Result<Parsed> {
     for i in 0..n_tensors {
         let name = c.string("tensor name")?;
         if name.len() >= MAX_NAME {
-            bail!("tensor name {name:?} is {} bytes; GGUF readers allow at most {}", name.len(), MAX_NAME - 1);
+            bail!(
+                "tensor name {name:?} is {} bytes; GGUF readers allow at most {}",
+                name.len(),
+                MAX_NAME - 1
+            );
         }
         if !names.insert(name.clone()) {
             bail!("duplicate tensor name {name:?}");
@@ -308,8 +340,8 @@ fn parse_bytes(b: &[u8]) -> Result<Parsed> {
             ne.push(d);
         }
         let type_id = c.u32(&name)?;
-        let (tname, bs, ts) =
-            type_traits(type_id).ok_or_else(|| anyhow!("tensor {name:?}: unknown ggml type id {type_id}"))?;
+        let (tname, bs, ts) = type_traits(type_id)
+            .ok_or_else(|| anyhow!("tensor {name:?}: unknown ggml type id {type_id}"))?;
         let offset = c.u64(&name)?;
         let n = ne
             .iter()
@@ -317,16 +349,27 @@ fn parse_bytes(b: &[u8]) -> Result<Parsed> {
             .filter(|&n| n <= i64::MAX as u64)
             .ok_or_else(|| anyhow!("tensor {name:?}: element count overflows"))?;
         if ne[0] % bs != 0 {
-            bail!("tensor {name:?}: row length {} is not a multiple of the {tname} block size {bs}", ne[0]);
+            bail!(
+                "tensor {name:?}: row length {} is not a multiple of the {tname} block size {bs}",
+                ne[0]
+            );
         }
         let size = (n / bs)
             .checked_mul(ts)
             .ok_or_else(|| anyhow!("tensor {name:?}: byte size overflows"))?;
         if offset % alignment != 0 {
-            bail!("tensor {name:?}: data offset {offset} is not a multiple of the alignment {alignment}");
+            bail!(
+                "tensor {name:?}: data offset {offset} is not a multiple of the alignment {alignment}"
+            );
         }
         let _ = i;
-        tensors.push(TensorInfo { name, ne, type_id, offset, size });
+        tensors.push(TensorInfo {
+            name,
+            ne,
+            type_id,
+            offset,
+            size,
+        });
     }
 
     let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
@@ -354,5 +397,11 @@ fn parse_bytes(b: &[u8]) -> Result<Parsed> {
             );
         }
     }
-    Ok(Parsed { version, metadata, tensors, alignment, data_offset })
+    Ok(Parsed {
+        version,
+        metadata,
+        tensors,
+        alignment,
+        data_offset,
+    })
 }

@@ -116,7 +116,10 @@ pub fn header_bytes(metadata: &Metadata, tensors: &[TensorHeader], alignment: u6
 pub fn file_size(metadata: &Metadata, tensors: &[TensorHeader]) -> u64 {
     let alignment = alignment_of(metadata);
     header_bytes(metadata, tensors, alignment).len() as u64
-        + tensors.iter().map(|t| t.size.div_ceil(alignment) * alignment).sum::<u64>()
+        + tensors
+            .iter()
+            .map(|t| t.size.div_ceil(alignment) * alignment)
+            .sum::<u64>()
 }
 
 fn alignment_of(metadata: &Metadata) -> u64 {
@@ -133,7 +136,11 @@ impl<W: Write> GgufWriter<W> {
         let alignment = alignment_of(metadata);
         for t in tensors {
             if t.name.len() >= super::MAX_NAME {
-                bail!("tensor name {:?} is too long for GGUF ({} bytes, at most 63)", t.name, t.name.len());
+                bail!(
+                    "tensor name {:?} is too long for GGUF ({} bytes, at most 63)",
+                    t.name,
+                    t.name.len()
+                );
             }
         }
         let h = header_bytes(metadata, tensors, alignment);

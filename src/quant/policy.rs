@@ -18,7 +18,11 @@ pub struct ModelInfo {
 
 impl ModelInfo {
     fn n_gqa(&self) -> usize {
-        if self.n_head_kv == 0 { 0 } else { self.n_head / self.n_head_kv }
+        if self.n_head_kv == 0 {
+            0
+        } else {
+            self.n_head / self.n_head_kv
+        }
     }
 
     fn is_70b(&self) -> bool {
@@ -134,16 +138,28 @@ pub struct TensorDesc<'a> {
 
 /// Target types for `tensors`, which must already be in llama-quantize's order (the counters
 /// advance in that order).
-pub fn choose_types(tensors: &[TensorDesc], ftype: Ftype, pure: bool, info: &ModelInfo) -> Vec<GgmlType> {
+pub fn choose_types(
+    tensors: &[TensorDesc],
+    ftype: Ftype,
+    pure: bool,
+    info: &ModelInfo,
+) -> Vec<GgmlType> {
     let default = ftype.default_type();
     let has_tied = !tensors.iter().any(|t| t.name == "output.weight");
-    let n_attention_wv = tensors.iter().filter(|t| is_attn_v(category(t.name))).count() as i64;
+    let n_attention_wv = tensors
+        .iter()
+        .filter(|t| is_attn_v(category(t.name)))
+        .count() as i64;
     let n_layer = info.n_layer as i64;
     let mut i_attention_wv: i64 = 0;
     let mut i_ffn_down: i64 = 0;
     let mut out = Vec::with_capacity(tensors.len());
     for t in tensors {
-        let n_dims = t.ne.iter().rposition(|&d| d != 1).map(|p| p + 1).unwrap_or(1);
+        let n_dims =
+            t.ne.iter()
+                .rposition(|&d| d != 1)
+                .map(|p| p + 1)
+                .unwrap_or(1);
         if !allows_quantization(t.name, n_dims) {
             out.push(t.stored);
             continue;
@@ -186,7 +202,11 @@ fn mixture(
     let cat = category(t.name);
     let n_expert = info.n_expert.max(1);
     let layer_of = |counter: i64| -> i64 {
-        if n_expert > 1 { super::policy::sort_key(t.name).0 } else { counter }
+        if n_expert > 1 {
+            super::policy::sort_key(t.name).0
+        } else {
+            counter
+        }
     };
     if cat == Category::Output || (has_tied && cat == Category::TokenEmbd) {
         let nx = t.ne[0] as usize;
@@ -200,9 +220,17 @@ fn mixture(
     } else if is_attn_v(cat) {
         match ftype {
             Ftype::Q2_K => ty = if info.n_gqa() >= 4 { G::Q4_K } else { G::Q3_K },
-            Ftype::Q3_K_M => ty = if *i_attention_wv < 2 { G::Q5_K } else { G::Q4_K },
+            Ftype::Q3_K_M => {
+                ty = if *i_attention_wv < 2 {
+                    G::Q5_K
+                } else {
+                    G::Q4_K
+                }
+            }
             Ftype::Q3_K_L => ty = G::Q5_K,
-            Ftype::Q4_K_M | Ftype::Q5_K_M if use_more_bits(*i_attention_wv, n_attention_wv) => ty = G::Q6_K,
+            Ftype::Q4_K_M | Ftype::Q5_K_M if use_more_bits(*i_attention_wv, n_attention_wv) => {
+                ty = G::Q6_K
+            }
             Ftype::Q4_K_S if *i_attention_wv < 4 => ty = G::Q5_K,
             _ => {}
         }
@@ -236,7 +264,10 @@ fn mixture(
         *i_ffn_down += 1;
     } else if cat == Category::AttnOutput {
         if info.n_expert == 8 {
-            if matches!(ftype, Ftype::Q2_K | Ftype::Q3_K_S | Ftype::Q3_K_M | Ftype::Q4_K_S | Ftype::Q4_K_M) {
+            if matches!(
+                ftype,
+                Ftype::Q2_K | Ftype::Q3_K_S | Ftype::Q3_K_M | Ftype::Q4_K_S | Ftype::Q4_K_M
+            ) {
                 ty = G::Q5_K;
             }
         } else {
@@ -265,7 +296,11 @@ pub fn fallback(ty: GgmlType, ncols: u64) -> GgmlType {
         G::Q6_K => G::Q8_0,
         other => other,
     };
-    if ncols % t.block_size() as u64 != 0 { G::F16 } else { t }
+    if ncols % t.block_size() as u64 != 0 {
+        G::F16
+    } else {
+        t
+    }
 }
 
 #[cfg(test)]
@@ -273,12 +308,25 @@ mod tests {
     use super::*;
 
     fn llama_names(n_layer: usize, tied: bool) -> Vec<String> {
-        let mut v = vec!["output_norm.weight".to_string(), "token_embd.weight".to_string()];
+        let mut v = vec![
+            "output_norm.weight".to_string(),
+            "token_embd.weight".to_string(),
+        ];
         if !tied {
             v.push("output.weight".into());
         }
         for i in 0..n_layer {
-            for s in ["attn_k", "attn_norm", "attn_output", "attn_q", "attn_v", "ffn_down", "ffn_gate", "ffn_norm", "ffn_up"] {
+            for s in [
+                "attn_k",
+                "attn_norm",
+                "attn_output",
+                "attn_q",
+                "attn_v",
+                "ffn_down",
+                "ffn_gate",
+                "ffn_norm",
+                "ffn_up",
+            ] {
                 v.push(format!("blk.{i}.{s}.weight"));
             }
         }
@@ -287,9 +335,24 @@ mod tests {
 
     #[test]
     fn order_is_layer_then_bytes() {
-        let mut v = vec!["blk.10.attn_k.weight", "blk.9.ffn_up.weight", "token_embd.weight", "output.weight", "blk.9.attn_k.weight"];
+        let mut v = vec![
+            "blk.10.attn_k.weight",
+            "blk.9.ffn_up.weight",
+            "token_embd.weight",
+            "output.weight",
+            "blk.9.attn_k.weight",
+        ];
         sort_names(&mut v, |s| s);
-        assert_eq!(v, ["output.weight", "token_embd.weight", "blk.9.attn_k.weight", "blk.9.ffn_up.weight", "blk.10.attn_k.weight"]);
+        assert_eq!(
+            v,
+            [
+                "output.weight",
+                "token_embd.weight",
+                "blk.9.attn_k.weight",
+                "blk.9.ffn_up.weight",
+                "blk.10.attn_k.weight"
+            ]
+        );
     }
 
     /// The worked example of gguf-and-k-quants.md §4.6 (confirmed against llama-quantize):
@@ -301,18 +364,41 @@ mod tests {
         sort_names(&mut names, |s| s);
         let ne: Vec<Vec<u64>> = names
             .iter()
-            .map(|n| if n.contains("norm") { vec![2048] } else { vec![2048, 256] })
+            .map(|n| {
+                if n.contains("norm") {
+                    vec![2048]
+                } else {
+                    vec![2048, 256]
+                }
+            })
             .collect();
         let descs: Vec<TensorDesc> = names
             .iter()
             .zip(&ne)
-            .map(|(n, ne)| TensorDesc { name: n, ne, stored: if ne.len() == 1 { GgmlType::F32 } else { GgmlType::BF16 } })
+            .map(|(n, ne)| TensorDesc {
+                name: n,
+                ne,
+                stored: if ne.len() == 1 {
+                    GgmlType::F32
+                } else {
+                    GgmlType::BF16
+                },
+            })
             .collect();
-        let info = ModelInfo { arch: "llama".into(), n_layer: 22, n_head: 32, n_head_kv: 4, n_expert: 0 };
+        let info = ModelInfo {
+            arch: "llama".into(),
+            n_layer: 22,
+            n_head: 32,
+            n_head_kv: 4,
+            n_expert: 0,
+        };
         let types = choose_types(&descs, Ftype::Q4_K_M, false, &info);
         let q6: Vec<usize> = (0..22)
             .filter(|i| {
-                let k = names.iter().position(|n| *n == format!("blk.{i}.attn_v.weight")).unwrap();
+                let k = names
+                    .iter()
+                    .position(|n| *n == format!("blk.{i}.attn_v.weight"))
+                    .unwrap();
                 types[k] == GgmlType::Q6_K
             })
             .collect();
@@ -321,7 +407,10 @@ mod tests {
         assert_eq!(types[k], GgmlType::Q6_K);
         let k = names.iter().position(|n| n == "token_embd.weight").unwrap();
         assert_eq!(types[k], GgmlType::Q4_K);
-        let k = names.iter().position(|n| n == "output_norm.weight").unwrap();
+        let k = names
+            .iter()
+            .position(|n| n == "output_norm.weight")
+            .unwrap();
         assert_eq!(types[k], GgmlType::F32);
     }
 
@@ -346,9 +435,23 @@ mod tests {
         let descs: Vec<TensorDesc> = names
             .iter()
             .zip(&ne)
-            .map(|(n, ne)| TensorDesc { name: n, ne, stored: if ne.len() == 1 { GgmlType::F32 } else { GgmlType::BF16 } })
+            .map(|(n, ne)| TensorDesc {
+                name: n,
+                ne,
+                stored: if ne.len() == 1 {
+                    GgmlType::F32
+                } else {
+                    GgmlType::BF16
+                },
+            })
             .collect();
-        let info = ModelInfo { arch: "llama".into(), n_layer: 30, n_head: 9, n_head_kv: 3, n_expert: 0 };
+        let info = ModelInfo {
+            arch: "llama".into(),
+            n_layer: 30,
+            n_head: 9,
+            n_head_kv: 3,
+            n_expert: 0,
+        };
         let types = choose_types(&descs, Ftype::Q4_K_M, false, &info);
         let ty = |n: &str| types[names.iter().position(|x| x == n).unwrap()];
         assert_eq!(ty("token_embd.weight"), GgmlType::Q8_0);
@@ -358,9 +461,18 @@ mod tests {
         assert_eq!(ty("blk.0.ffn_down.weight"), GgmlType::Q6_K);
         assert_eq!(ty("blk.6.ffn_down.weight"), GgmlType::Q4_K);
         let types = choose_types(&descs, Ftype::Q4_K_M, true, &info);
-        assert_eq!(types[names.iter().position(|x| x == "token_embd.weight").unwrap()], GgmlType::Q5_0);
+        assert_eq!(
+            types[names.iter().position(|x| x == "token_embd.weight").unwrap()],
+            GgmlType::Q5_0
+        );
         let types = choose_types(&descs, Ftype::BF16, false, &info);
-        assert_eq!(types[names.iter().position(|x| x == "blk.0.attn_q.weight").unwrap()], GgmlType::BF16);
+        assert_eq!(
+            types[names
+                .iter()
+                .position(|x| x == "blk.0.attn_q.weight")
+                .unwrap()],
+            GgmlType::BF16
+        );
     }
 
     #[test]

@@ -36,7 +36,10 @@ pub fn assert_fails(o: &Output, code: i32, needle: &str) {
     assert!(!err.contains("panicked"), "panic: {err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected one line on stderr, got: {err}");
-    assert!(err.contains(needle), "stderr {err:?} does not mention {needle:?}");
+    assert!(
+        err.contains(needle),
+        "stderr {err:?} does not mention {needle:?}"
+    );
 }
 
 /// Copy a folder (files only, one level).
@@ -52,8 +55,10 @@ pub fn copy_dir(from: &Path, to: &Path) {
 
 /// Files in a folder (names), for "no partial output" checks.
 pub fn list(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
     v.sort();
     v
 }
