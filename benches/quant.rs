@@ -1,7 +1,11 @@
 //! Quantization throughput on a 4096×256 f32 matrix (256 rows of 4096), one row at a time as
 //! the converter feeds them. Throughput is counted in input bytes (f32), so MB/s compare
 //! across types. Add a type by adding it to `TYPES`.
+//!
+//! Time is this thread's CPU time (Linux `/proc/thread-self/schedstat`, nanoseconds) so that
+//! numbers stay comparable on a loaded machine; wall time where that file is unreadable.
 
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ftconv::quant::{self, GgmlType};
 use std::hint::black_box;
@@ -36,7 +40,42 @@ fn matrix() -> Vec<f32> {
         .collect()
 }
 
-fn bench_quantize(c: &mut Criterion) {
+/// Nanoseconds this thread has run on a CPU, if the kernel tells.
+fn thread_cpu_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
+struct ThreadCpuTime;
+static WALL: WallTime = WallTime;
+
+impl Measurement for ThreadCpuTime {
+    type Intermediate = (Option<u64>, std::time::Instant);
+    type Value = u64;
+    fn start(&self) -> Self::Intermediate {
+        (thread_cpu_ns(), std::time::Instant::now())
+    }
+    fn end(&self, (cpu, wall): Self::Intermediate) -> u64 {
+        match (cpu, thread_cpu_ns()) {
+            (Some(a), Some(b)) => b - a,
+            _ => wall.elapsed().as_nanos() as u64,
+        }
+    }
+    fn add(&self, a: &u64, b: &u64) -> u64 {
+        a + b
+    }
+    fn zero(&self) -> u64 {
+        0
+    }
+    fn to_f64(&self, v: &u64) -> f64 {
+        *v as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        WALL.formatter()
+    }
+}
+
+fn bench_quantize(c: &mut Criterion<ThreadCpuTime>) {
     let x = matrix();
     let mut g = c.benchmark_group("quantize_4096x256");
     g.throughput(Throughput::Bytes((x.len() * 4) as u64));
@@ -58,5 +97,9 @@ fn bench_quantize(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_quantize);
+criterion_group! {
+    name = benches;
+    config = Criterion::default().with_measurement(ThreadCpuTime);
+    targets = bench_quantize
+}
 criterion_main!(benches);
