@@ -10,6 +10,7 @@ pub mod cli;
 pub mod convert;
 pub mod exec;
 pub mod gguf;
+pub mod gpu;
 pub mod lora;
 pub mod ollama;
 pub mod output;

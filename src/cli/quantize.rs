@@ -6,6 +6,7 @@ use crate::checkpoint::bnb::{self, Bnb4Options};
 use crate::checkpoint::{self, HfCheckpoint, InputKind};
 use crate::convert::{self, QuantOptions};
 use crate::exec::{self, Summary};
+use crate::gpu::{Backend, DeviceChoice};
 use crate::plan::Plan;
 use crate::quant::Ftype;
 use crate::quant::nf4::{QuantType, StoredDtype};
@@ -80,6 +81,9 @@ pub struct Args {
     /// NF4/FP4: largest shard, in bytes or with a unit (transformers' max_shard_size: 5GB, 500MB).
     #[arg(long, value_name = "SIZE", default_value = "50GB")]
     pub max_shard_size: String,
+    /// Where to quantize: auto (the GPU when one is usable), cpu, or cuda (the GPU, or fail).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
 }
 
 pub fn run(a: Args, quiet: bool) -> Result<()> {
@@ -130,7 +134,11 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     if same_file(&a.src, &out) {
         return Err(usage("input and output paths must differ"));
     }
-    let summary = write(&plan, &out, quiet)?;
+    let (backend, line) = crate::gpu::select(a.device)?;
+    if let (Some(line), false) = (line, quiet) {
+        eprintln!("{line}");
+    }
+    let summary = write_on(&plan, &out, quiet, &backend)?;
     report(&plan, &out, &summary, a.json, quiet);
     Ok(())
 }
@@ -340,13 +348,18 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 /// Write the plan with a progress bar.
 pub fn write(plan: &Plan, out: &Path, quiet: bool) -> Result<Summary> {
+    write_on(plan, out, quiet, &Backend::Cpu)
+}
+
+/// [`write`], quantizing on `backend`.
+pub fn write_on(plan: &Plan, out: &Path, quiet: bool, backend: &Backend) -> Result<Summary> {
     let pb = progress_bar(plan.n_elements(), quiet);
     let n = plan.tensors.len();
     let progress = |i: usize, name: &str, done: u64| {
         pb.set_position(done);
         pb.set_message(format!("[{}/{n}] {name}", i + 1));
     };
-    let s = exec::write_gguf(plan, out, true, &progress);
+    let s = exec::write_gguf_on(plan, out, true, &progress, backend);
     pb.finish_and_clear();
     s
 }
