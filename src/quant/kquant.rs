@@ -284,18 +284,11 @@ pub fn make_qkx2_quants_lanes<const N: usize, const K: usize>(
     (scale, the_min)
 }
 
-/// Q4_K/Q5_K sub-block fits of one super-block, lane-parallel (lane `j` = sub-block `j` of 32
-/// values): weights `sqrt(mean(x²)) + |x|` per sub-block, then [`make_qkx2_quants_lanes`].
-/// Writes the levels into `l` (natural element order) and returns `(scales, mins)`.
+/// Transpose a Q4_K/Q5_K super-block into 8 lanes (lane `j` = sub-block `j` of 32 values) and
+/// compute the reference weights `sqrt(mean(x²)) + |x|` of each sub-block (sum in order).
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-pub fn fit_32x8(
-    x: &[f32; 256],
-    nmax: i32,
-    rmin: f32,
-    nstep: i32,
-    l: &mut [u8; 256],
-) -> ([f32; 8], [f32; 8]) {
+fn prep_32x8(x: &[f32; 256]) -> ([[f32; 8]; 32], [[f32; 8]; 32]) {
     let mut xt = [[0f32; 8]; 32];
     for j in 0..8 {
         for i in 0..32 {
@@ -318,14 +311,215 @@ pub fn fit_32x8(
             w[i][j] = av[j] + xt[i][j].abs();
         }
     }
-    let mut lt = [[0u8; 8]; 32];
-    let r = make_qkx2_quants_lanes::<32, 8>(nmax, &xt, &w, &mut lt, rmin, 0.1, nstep, false);
+    (xt, w)
+}
+
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn unpack_32x8(lt: &[[u8; 8]; 32], l: &mut [u8; 256]) {
     for j in 0..8 {
         for i in 0..32 {
             l[32 * j + i] = lt[i][j];
         }
     }
+}
+
+/// Q4_K/Q5_K sub-block fits of one super-block, lane-parallel (lane `j` = sub-block `j` of 32
+/// values): weights `sqrt(mean(x²)) + |x|` per sub-block, then [`make_qkx2_quants_lanes`].
+/// Writes the levels into `l` (natural element order) and returns `(scales, mins)`.
+#[inline(always)]
+pub fn fit_32x8(
+    x: &[f32; 256],
+    nmax: i32,
+    rmin: f32,
+    nstep: i32,
+    l: &mut [u8; 256],
+) -> ([f32; 8], [f32; 8]) {
+    let (xt, w) = prep_32x8(x);
+    let mut lt = [[0u8; 8]; 32];
+    let r = make_qkx2_quants_lanes::<32, 8>(nmax, &xt, &w, &mut lt, rmin, 0.1, nstep, false);
+    unpack_32x8(&lt, l);
     r
+}
+
+/// [`fit_32x8`] with the AVX2 kernel [`avx2::make_qkx2_quants_x8`].
+///
+/// # Safety
+///
+/// Callable only where the CPU supports AVX2 (outside AVX2-enabled code it is `unsafe`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub fn fit_32x8_avx2(
+    x: &[f32; 256],
+    nmax: i32,
+    rmin: f32,
+    nstep: i32,
+    l: &mut [u8; 256],
+) -> ([f32; 8], [f32; 8]) {
+    let (xt, w) = prep_32x8(x);
+    let mut lt = [[0u8; 8]; 32];
+    let r = avx2::make_qkx2_quants_x8::<32>(nmax, &xt, &w, &mut lt, rmin, 0.1, nstep, false);
+    unpack_32x8(&lt, l);
+    r
+}
+
+/// AVX2 version of [`make_qkx2_quants_lanes`] for 8 lanes: the same per-lane operation
+/// sequence written with intrinsics (`mul`/`add`/`sub`/`div` are IEEE-exact per lane; no FMA,
+/// no reciprocal approximations; compares are ordered like C's `<`, `>`, `==`).
+#[cfg(target_arch = "x86_64")]
+pub mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    fn load(a: &[f32; 8]) -> __m256 {
+        // SAFETY: `a` is 8 readable f32s; unaligned load.
+        unsafe { _mm256_loadu_ps(a.as_ptr()) }
+    }
+
+    #[inline(always)]
+    fn store(a: &mut [f32; 8], v: __m256) {
+        // SAFETY: `a` is 8 writable f32s; unaligned store.
+        unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) }
+    }
+
+    /// `clamp(nearest_int(iscale * (x - min)), 0, nmax)` per lane (the bit trick of
+    /// `nearest_int`: add 1.5·2^23, keep 23 mantissa bits, subtract 2^22).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn level(iscale: __m256, x: __m256, min: __m256, nmax: __m256i) -> __m256i {
+        let magic = _mm256_set1_ps(12_582_912.0);
+        let t = _mm256_add_ps(_mm256_mul_ps(iscale, _mm256_sub_ps(x, min)), magic);
+        let i = _mm256_and_si256(_mm256_castps_si256(t), _mm256_set1_epi32(0x007F_FFFF));
+        let i = _mm256_sub_epi32(i, _mm256_set1_epi32(0x0040_0000));
+        _mm256_max_epi32(_mm256_min_epi32(i, nmax), _mm256_setzero_si256())
+    }
+
+    /// `use_mad ? |d| : d * d`
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn err(d: __m256, use_mad: bool) -> __m256 {
+        if use_mad {
+            _mm256_and_ps(d, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF)))
+        } else {
+            _mm256_mul_ps(d, d)
+        }
+    }
+
+    /// Lane-parallel `make_qkx2_quants` over 8 groups of `N` values (see
+    /// [`super::make_qkx2_quants_lanes`], of which this is an exact transcription).
+    ///
+    /// # Safety
+    ///
+    /// Callable only where the CPU supports AVX2 (outside AVX2-enabled code it is `unsafe`).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2")]
+    pub fn make_qkx2_quants_x8<const N: usize>(
+        nmax: i32,
+        x: &[[f32; 8]; N],
+        w: &[[f32; 8]; N],
+        l: &mut [[u8; 8]; N],
+        rmin: f32,
+        rdelta: f32,
+        nstep: i32,
+        use_mad: bool,
+    ) -> ([f32; 8], [f32; 8]) {
+        let zero = _mm256_setzero_ps();
+        let nmax_i = _mm256_set1_epi32(nmax);
+        let x0 = load(&x[0]);
+        let mut min = x0;
+        let mut max = x0;
+        let mut sum_w = load(&w[0]);
+        let mut sum_x = _mm256_mul_ps(sum_w, x0);
+        for i in 1..N {
+            let v = load(&x[i]);
+            let wi = load(&w[i]);
+            min = _mm256_blendv_ps(min, v, _mm256_cmp_ps::<_CMP_LT_OQ>(v, min));
+            max = _mm256_blendv_ps(max, v, _mm256_cmp_ps::<_CMP_GT_OQ>(v, max));
+            sum_w = _mm256_add_ps(sum_w, wi);
+            sum_x = _mm256_add_ps(sum_x, _mm256_mul_ps(wi, v));
+        }
+        min = _mm256_blendv_ps(min, zero, _mm256_cmp_ps::<_CMP_GT_OQ>(min, zero));
+        // active = !(max == min)
+        let active = _mm256_cmp_ps::<_CMP_NEQ_UQ>(max, min);
+        let nmaxf = nmax as f32;
+        let mut iscale = _mm256_div_ps(_mm256_set1_ps(nmaxf), _mm256_sub_ps(max, min));
+        let mut scale = _mm256_div_ps(_mm256_set1_ps(1.0), iscale);
+        let mut best = zero;
+        for i in 0..N {
+            let xi = load(&x[i]);
+            let q = _mm256_cvtepi32_ps(level(iscale, xi, min, nmax_i));
+            let d = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(scale, q), min), xi);
+            best = _mm256_add_ps(best, _mm256_mul_ps(load(&w[i]), err(d, use_mad)));
+        }
+        let mut acc_iscale = iscale;
+        let mut acc_min = min;
+        if nstep >= 1 {
+            let mut lf = [[0f32; 8]; N];
+            for is in 0..=nstep {
+                let num = rmin + rdelta * is as f32 + nmaxf;
+                iscale = _mm256_div_ps(_mm256_set1_ps(num), _mm256_sub_ps(max, min));
+                let mut sum_l = zero;
+                let mut sum_l2 = zero;
+                let mut sum_xl = zero;
+                for i in 0..N {
+                    let xi = load(&x[i]);
+                    let q = _mm256_cvtepi32_ps(level(iscale, xi, min, nmax_i));
+                    store(&mut lf[i], q);
+                    let wl = _mm256_mul_ps(load(&w[i]), q);
+                    sum_l = _mm256_add_ps(sum_l, wl);
+                    sum_l2 = _mm256_add_ps(sum_l2, _mm256_mul_ps(wl, q));
+                    sum_xl = _mm256_add_ps(sum_xl, _mm256_mul_ps(wl, xi));
+                }
+                let d = _mm256_sub_ps(_mm256_mul_ps(sum_w, sum_l2), _mm256_mul_ps(sum_l, sum_l));
+                let ok = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(d, zero), active);
+                if _mm256_movemask_ps(ok) == 0 {
+                    continue;
+                }
+                let s = _mm256_div_ps(
+                    _mm256_sub_ps(_mm256_mul_ps(sum_w, sum_xl), _mm256_mul_ps(sum_x, sum_l)),
+                    d,
+                );
+                let m = _mm256_div_ps(
+                    _mm256_sub_ps(_mm256_mul_ps(sum_l2, sum_x), _mm256_mul_ps(sum_l, sum_xl)),
+                    d,
+                );
+                let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(m, zero);
+                let this_min = _mm256_blendv_ps(m, zero, pos);
+                let this_scale = _mm256_blendv_ps(s, _mm256_div_ps(sum_xl, sum_l2), pos);
+                let mut cur = zero;
+                for i in 0..N {
+                    let q = load(&lf[i]);
+                    let xi = load(&x[i]);
+                    let dd =
+                        _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(this_scale, q), this_min), xi);
+                    cur = _mm256_add_ps(cur, _mm256_mul_ps(load(&w[i]), err(dd, use_mad)));
+                }
+                let acc = _mm256_and_ps(ok, _mm256_cmp_ps::<_CMP_LT_OQ>(cur, best));
+                best = _mm256_blendv_ps(best, cur, acc);
+                scale = _mm256_blendv_ps(scale, this_scale, acc);
+                acc_iscale = _mm256_blendv_ps(acc_iscale, iscale, acc);
+                acc_min = _mm256_blendv_ps(acc_min, min, acc);
+                min = _mm256_blendv_ps(min, this_min, acc);
+            }
+        }
+        let active_i = _mm256_castps_si256(active);
+        for i in 0..N {
+            let q = _mm256_and_si256(level(acc_iscale, load(&x[i]), acc_min, nmax_i), active_i);
+            let mut t = [0i32; 8];
+            // SAFETY: `t` is 8 writable i32s; unaligned store.
+            unsafe { _mm256_storeu_si256(t.as_mut_ptr().cast(), q) };
+            for k in 0..8 {
+                l[i][k] = t[k] as u8;
+            }
+        }
+        let mut out_scale = [0f32; 8];
+        let mut out_min = [0f32; 8];
+        store(&mut out_scale, _mm256_and_ps(scale, active));
+        // inactive lanes never accept a candidate, so their `min` is the initial one
+        // C's `-min`: flip the sign bit (so +0 becomes -0, unlike 0 - min)
+        store(&mut out_min, _mm256_xor_ps(min, _mm256_set1_ps(-0.0)));
+        (out_scale, out_min)
+    }
 }
 
 #[cfg(test)]
@@ -429,6 +623,28 @@ mod tests {
     #[test]
     fn q2_k_fast_equals_ref() {
         fast_equals_ref(q2_k::quantize, q2_k::quantize_ref, 84, "Q2_K");
+    }
+
+    #[test]
+    fn portable_paths_equal_ref() {
+        fast_equals_ref(
+            q4_k::quantize_portable,
+            q4_k::quantize_ref,
+            144,
+            "Q4_K portable",
+        );
+        fast_equals_ref(
+            q5_k::quantize_portable,
+            q5_k::quantize_ref,
+            176,
+            "Q5_K portable",
+        );
+        fast_equals_ref(
+            q2_k::quantize_portable,
+            q2_k::quantize_ref,
+            84,
+            "Q2_K portable",
+        );
     }
 
     #[test]

@@ -26,18 +26,47 @@ pub fn quantize(x: &[f32], y: &mut [u8]) {
             return;
         }
     }
-    quantize_lanes(x, y);
+    quantize_portable(x, y);
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2")]
 fn quantize_avx2(x: &[f32], y: &mut [u8]) {
-    quantize_lanes(x, y)
+    use super::kquant::avx2::make_qkx2_quants_x8;
+    for (xb, yb) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(BLOCK_BYTES)) {
+        let xb: &[f32; QK_K] = xb.try_into().unwrap();
+        let mut scales = [0f32; 16];
+        let mut mins = [0f32; 16];
+        let mut l = [0u8; QK_K];
+        // two groups of 8 lanes: sub-blocks 0..8 and 8..16
+        for half in 0..2 {
+            let mut xt = [[0f32; 8]; 16];
+            let mut wt = [[0f32; 8]; 16];
+            for j in 0..8 {
+                for i in 0..16 {
+                    let v = xb[128 * half + 16 * j + i];
+                    xt[i][j] = v;
+                    wt[i][j] = v.abs();
+                }
+            }
+            let mut lt = [[0u8; 8]; 16];
+            let (s, m) = make_qkx2_quants_x8::<16>(3, &xt, &wt, &mut lt, -0.5, 0.1, 15, true);
+            scales[8 * half..8 * half + 8].copy_from_slice(&s);
+            mins[8 * half..8 * half + 8].copy_from_slice(&m);
+            for j in 0..8 {
+                for i in 0..16 {
+                    l[128 * half + 16 * j + i] = lt[i][j];
+                }
+            }
+        }
+        finish_block(xb, &scales, &mins, &mut l, yb.try_into().unwrap());
+    }
 }
 
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-fn quantize_lanes(x: &[f32], y: &mut [u8]) {
+pub(crate) fn quantize_portable(x: &[f32], y: &mut [u8]) {
     for (xb, yb) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(BLOCK_BYTES)) {
         let xb: &[f32; QK_K] = xb.try_into().unwrap();
         let mut xt = [[0f32; 16]; 16];

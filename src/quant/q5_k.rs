@@ -3,6 +3,8 @@
 
 use super::QK_K;
 use super::fp::{nearest_int, read_f16, write_f16};
+#[cfg(target_arch = "x86_64")]
+use super::kquant::fit_32x8_avx2;
 use super::kquant::{fit_32x8, get_scale_min_k4, make_qkx2_quants, pack_k4_scales};
 
 /// Bytes per block.
@@ -23,17 +25,22 @@ pub fn quantize(x: &[f32], y: &mut [u8]) {
             return;
         }
     }
-    quantize_lanes(x, y);
+    quantize_portable(x, y);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn quantize_avx2(x: &[f32], y: &mut [u8]) {
-    quantize_lanes(x, y)
+    for (xb, yb) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(BLOCK_BYTES)) {
+        let xb: &[f32; QK_K] = xb.try_into().unwrap();
+        let mut l = [0u8; QK_K];
+        let (scales, mins) = fit_32x8_avx2(xb, 31, -0.5, 15, &mut l);
+        finish_block(xb, &scales, &mins, &mut l, yb.try_into().unwrap());
+    }
 }
 
 #[inline(always)]
-fn quantize_lanes(x: &[f32], y: &mut [u8]) {
+pub(crate) fn quantize_portable(x: &[f32], y: &mut [u8]) {
     for (xb, yb) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(BLOCK_BYTES)) {
         let xb: &[f32; QK_K] = xb.try_into().unwrap();
         let mut l = [0u8; QK_K];
