@@ -31,11 +31,26 @@ pub fn quantize(x: &[f32], y: &mut [u8]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn quantize_avx2(x: &[f32], y: &mut [u8]) {
-    for (xb, yb) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(BLOCK_BYTES)) {
+    // two super-blocks per kernel call (16 lanes in two interleaved vectors), then the odd one
+    let mut xs = x.chunks_exact(2 * QK_K);
+    let mut ys = y.chunks_exact_mut(2 * BLOCK_BYTES);
+    for (x2, y2) in (&mut xs).zip(&mut ys) {
+        let (xa, xb) = x2.split_at(QK_K);
+        let xa: &[f32; QK_K] = xa.try_into().unwrap();
         let xb: &[f32; QK_K] = xb.try_into().unwrap();
-        let mut l = [0u8; QK_K];
-        let (scales, mins) = fit_32x8_avx2(xb, 31, -0.5, 15, &mut l);
-        finish_block(xb, &scales, &mins, &mut l, yb.try_into().unwrap());
+        let mut l = [[0u8; QK_K]; 2];
+        let (scales, mins) = fit_32x8_avx2::<2>([xa, xb], 31, -0.5, 15, &mut l);
+        let (ya, yb) = y2.split_at_mut(BLOCK_BYTES);
+        let [la, lb] = &mut l;
+        finish_block(xa, &scales[0], &mins[0], la, ya.try_into().unwrap());
+        finish_block(xb, &scales[1], &mins[1], lb, yb.try_into().unwrap());
+    }
+    let (xr, yr) = (xs.remainder(), ys.into_remainder());
+    if !xr.is_empty() {
+        let xr: &[f32; QK_K] = xr.try_into().unwrap();
+        let mut l = [[0u8; QK_K]; 1];
+        let (scales, mins) = fit_32x8_avx2::<1>([xr], 31, -0.5, 15, &mut l);
+        finish_block(xr, &scales[0], &mins[0], &mut l[0], yr.try_into().unwrap());
     }
 }
 
@@ -119,21 +134,14 @@ pub(crate) fn finish_block(
     }
     let (qh, qs) = y[16..].split_at_mut(32);
     qh.fill(0);
+    // levels are ≤ 31: bit 4 goes to qh (bit 2c for the low half, 2c+1 for the high half of
+    // chunk c), bits 0..3 to the nibbles (the reference's "if > 15: set bit, subtract 16")
     for c in 0..4 {
-        let m1 = 1u8 << (2 * c);
-        let m2 = 2u8 << (2 * c);
         for i in 0..32 {
-            let mut l1 = l[64 * c + i];
-            if l1 > 15 {
-                l1 -= 16;
-                qh[i] |= m1;
-            }
-            let mut l2 = l[64 * c + 32 + i];
-            if l2 > 15 {
-                l2 -= 16;
-                qh[i] |= m2;
-            }
-            qs[32 * c + i] = l1 | (l2 << 4);
+            let l1 = l[64 * c + i];
+            let l2 = l[64 * c + 32 + i];
+            qh[i] |= ((l1 >> 4) << (2 * c)) | ((l2 >> 4) << (2 * c + 1));
+            qs[32 * c + i] = (l1 & 15) | ((l2 & 15) << 4);
         }
     }
 }
