@@ -117,8 +117,8 @@ section_quantize() {
 # ---------------------------------------------------------------- later sections (placeholders)
 # TODO(merge): ftconv merge BASE ADAPTER vs PEFT merge_and_unload (bf16 and f32 bases, several adapters, IA3).
 section_merge() { echo "== merge"; skip "merge: not implemented"; }
-# TODO(nf4): ftconv --to nf4 vs bitsandbytes' quantize_4bit (CPU path), nested offset reported separately.
-section_nf4() { echo "== nf4"; skip "nf4: not implemented"; }
+# shellcheck source=interop/nf4.sh
+source "$INTEROP/nf4.sh"
 # TODO(ollama): Modelfile grammar + TEMPLATE rendered by a Go text/template renderer == HF chat template.
 section_ollama() { echo "== ollama"; skip "ollama: not implemented"; }
 # TODO(adapter): ftconv LoRA adapter -> GGUF vs convert_lora_to_gguf.py ($CONVERT_LORA).
