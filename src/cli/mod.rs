@@ -2,6 +2,7 @@
 
 pub mod adapter;
 pub mod inspect;
+pub mod ollama;
 pub mod quantize;
 
 use clap::{Parser, Subcommand};
@@ -45,6 +46,8 @@ pub enum Command {
     Quantize(quantize::Args),
     /// PEFT LoRA adapter → GGUF LoRA adapter (llama.cpp --lora, Ollama ADAPTER).
     Adapter(adapter::Args),
+    /// Ollama Modelfile whose TEMPLATE is proved to render like the model's chat template.
+    Ollama(ollama::Args),
 }
 
 /// Configure the global thread pool.
