@@ -8,6 +8,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(a) => cli::inspect::run(a, quiet),
         Command::Quantize(a) => cli::quantize::run(a, quiet),
+        Command::Merge(a) => cli::merge::run(a, quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

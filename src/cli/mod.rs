@@ -1,6 +1,7 @@
 //! Command-line interface: one file per subcommand (its arguments and orchestration only).
 
 pub mod inspect;
+pub mod merge;
 pub mod quantize;
 
 use clap::{Parser, Subcommand};
@@ -42,6 +43,8 @@ pub enum Command {
     Inspect(inspect::Args),
     /// HF checkpoint / GGUF / safetensors → GGUF in any llama-quantize type, or NF4/FP4.
     Quantize(quantize::Args),
+    /// Merge PEFT LoRA/DoRA/IA³ adapters into a base model as PEFT does → HF folder or GGUF.
+    Merge(merge::Args),
 }
 
 /// Configure the global thread pool.

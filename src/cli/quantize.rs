@@ -64,6 +64,9 @@ pub struct Args {
     /// Print the result (or the plan) as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Merge this PEFT adapter first (as `ftconv merge … --to`); repeatable, ADAPTER@WEIGHT.
+    #[arg(long = "adapter", value_name = "ADAPTER[@WEIGHT]")]
+    pub adapters: Vec<String>,
 }
 
 pub fn run(a: Args, quiet: bool) -> Result<()> {
@@ -83,9 +86,26 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     };
     let kind = checkpoint::detect(&a.src)?;
     let (plan, name) = match kind {
+        InputKind::HfFolder if !a.adapters.is_empty() => {
+            let base = crate::lora::merge::BaseModel::open(&a.src)?;
+            let ads = super::merge::open_adapters(&a.adapters)?;
+            let mplan = crate::lora::merge::MergePlan::build(&base, &ads, None)?;
+            if !quiet {
+                for w in &mplan.warnings {
+                    eprintln!("ftconv: note: {w}");
+                }
+            }
+            super::merge::gguf_plan(&a.src, &mplan, &opts)?
+        }
         InputKind::HfFolder => {
             let ck = HfCheckpoint::open(&a.src)?;
             (convert::plan_hf(&ck, &opts, None)?, ck.name())
+        }
+        _ if !a.adapters.is_empty() => {
+            return Err(usage(format!(
+                "{}: --adapter needs an HF model folder as the base",
+                a.src.display()
+            )));
         }
         InputKind::Gguf => {
             let stem = file_stem(&a.src);

@@ -763,6 +763,23 @@ impl MergePlan {
         self.get(name).filter(|j| !j.is_plain_copy())
     }
 
+    /// For a GGUF plan's row hook: base tensor `name`'s rows as merged (`src` holds the
+    /// base rows), or `src` itself when the merge leaves the tensor alone.
+    pub fn hook_rows(&self, name: &str, src: Box<dyn RowSource>) -> Result<Box<dyn RowSource>> {
+        if self.dropped.iter().any(|d| d == name) {
+            bail!(
+                "tensor {name:?} is tied to the input embedding and dropped by the merge; GGUF output of this combination is not supported"
+            );
+        }
+        Ok(match self.changes(name) {
+            None => src,
+            Some(j) => match &j.input {
+                Input::Base(_) => Box::new(j.rows_from(src)),
+                Input::Adapter(_) => Box::new(j.rows()),
+            },
+        })
+    }
+
     pub fn total_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.n_bytes()).sum()
     }
