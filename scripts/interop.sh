@@ -116,7 +116,8 @@ section_quantize() {
 
 # ---------------------------------------------------------------- later sections (placeholders)
 # TODO(merge): ftconv merge BASE ADAPTER vs PEFT merge_and_unload (bf16 and f32 bases, several adapters, IA3).
-section_merge() { echo "== merge"; skip "merge: not implemented"; }
+# shellcheck source=interop/merge.sh
+source "$INTEROP/merge.sh"
 # TODO(nf4): ftconv --to nf4 vs bitsandbytes' quantize_4bit (CPU path), nested offset reported separately.
 section_nf4() { echo "== nf4"; skip "nf4: not implemented"; }
 # TODO(ollama): Modelfile grammar + TEMPLATE rendered by a Go text/template renderer == HF chat template.

@@ -6,6 +6,9 @@
     merge_peft.py peft-merge BASE OUT ADAPTER[@W]...   # merge_and_unload (+ add_weighted_adapter "cat")
     merge_peft.py compare REF OURS               # every tensor, dtype, shape; elements within 1 ulp
     merge_peft.py load OURS REF                  # transformers loads OURS; logits agree with REF's
+    merge_peft.py prepare WORK SMOLLM2 SMALL     # all of the above for every case, in one process;
+                                                 # writes WORK/cases.tsv (name, base, adapter specs)
+    merge_peft.py check WORK                     # compare + load for every case: "RESULT name PASS|FAIL ..."
 
 Adapters are created with `get_peft_model`, their trainable parameters perturbed with seeded noise (so LoRA B,
 DoRA magnitudes, IA3 vectors and modules_to_save copies are all non-trivial) and saved with `save_pretrained`.
@@ -22,9 +25,9 @@ def make_model(kind, out):
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
     torch.manual_seed(SEED)
-    if kind == "tied-llama":
+    if kind in ("tied-llama", "untied-llama"):
         cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=kind == "tied-llama",
                           max_position_embeddings=256)
         dtype = torch.bfloat16
     elif kind == "gpt2":
@@ -96,7 +99,6 @@ def peft_merge(base, out, specs):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
     paths, weights = [], []
     for s in specs:
         p, _, w = s.rpartition("@")
@@ -106,8 +108,14 @@ def peft_merge(base, out, specs):
         else:
             paths.append(s)
             weights.append(1.0)
+    weighted = len(paths) > 1 or weights[0] != 1.0
+    # add_weighted_adapter creates the combined adapter in the base layers' dtype, which on a bf16 model rounds
+    # w*s*A, B and the delta to bf16 before the add. ftconv combines in f32 (decisions.md: W + sum w_i s_i B_i A_i),
+    # so the reference merges into an exact f32 copy of the base and rounds the result to the stored dtype once.
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32 if weighted else "auto")
+    stored = AutoModelForCausalLM.from_pretrained(base, dtype="auto").dtype if weighted else None
     pm = PeftModel.from_pretrained(model, paths[0], adapter_name="a0")
-    if len(paths) > 1 or weights[0] != 1.0:
+    if weighted:
         for i, p in enumerate(paths[1:], 1):
             pm.load_adapter(p, adapter_name=f"a{i}")
         names = [f"a{i}" for i in range(len(paths))]
@@ -116,6 +124,8 @@ def peft_merge(base, out, specs):
         for n in names:
             pm.delete_adapter(n)
     merged = pm.merge_and_unload()
+    if weighted:
+        merged = merged.to(stored)
     merged.save_pretrained(out)
     print(f"peft-merge: {len(paths)} adapter(s) weights {weights} -> {out}")
 
@@ -132,11 +142,21 @@ def load_dir(d):
     return out
 
 
-def int_view(t):
-    return {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[t.dtype]
+def bf16_ulps(a, b):
+    """|a - b| in units of one bf16 ulp at max(|a|, |b|) (the tolerance for every dtype)."""
+    a64, b64 = a.double(), b.double()
+    m = torch.maximum(a64.abs(), b64.abs())
+    e = torch.floor(torch.log2(torch.where(m > 0, m, torch.ones_like(m)))).clamp(min=-126)
+    return (a64 - b64).abs() / torch.pow(2.0, e - 7)
 
 
 def compare(ref_dir, ours_dir):
+    ok, lines = compare_dirs(ref_dir, ours_dir)
+    print("\n".join(lines))
+    sys.exit(0 if ok else 1)
+
+
+def compare_dirs(ref_dir, ours_dir):
     ref, ours = load_dir(ref_dir), load_dir(ours_dir)
     bad = []
     missing = sorted(set(ref) - set(ours))
@@ -146,7 +166,7 @@ def compare(ref_dir, ours_dir):
     if extra:
         bad.append(f"{len(extra)} tensors only in ftconv's output, e.g. {extra[:3]}")
     total = differ = 0
-    worst = 0
+    worst = 0.0
     for k in sorted(set(ref) & set(ours)):
         a, b = ref[k], ours[k]
         if a.dtype != b.dtype or a.shape != b.shape:
@@ -157,24 +177,27 @@ def compare(ref_dir, ours_dir):
             if not torch.equal(a, b):
                 bad.append(f"{k}: differs")
             continue
-        ia = a.view(int_view(a)).to(torch.int64)
-        ib = b.view(int_view(b)).to(torch.int64)
-        d = (ia - ib).abs()
-        n = int((d != 0).sum())
+        ne = a != b
+        n = int(ne.sum())
         differ += n
         if n:
-            m = int(d.max())
-            worst = max(worst, m)
-            if m > 1:
-                bad.append(f"{k}: {n} elements differ, up to {m} ulp")
-    print(f"tensors: {len(ref)} in PEFT's merge, {len(ours)} in ftconv's; elements: {total}, "
-          f"not bit-identical: {differ} ({differ / max(total, 1) * 1e6:.2f} per million), max {worst} ulp")
-    for b in bad[:10]:
-        print("  " + b)
-    sys.exit(1 if bad else 0)
+            u = float(bf16_ulps(a[ne], b[ne]).max())
+            worst = max(worst, u)
+            if u > 1.0:
+                bad.append(f"{k}: {n} elements differ, up to {u:.3g} bf16 ulp")
+    lines = [f"{len(ref)} tensors (ftconv {len(ours)}), same dtypes/shapes; {total} elements, "
+             f"{differ} not bit-identical ({differ / max(total, 1) * 1e6:.2f} per million), max {worst:.3g} bf16 ulp"]
+    lines += ["  " + b for b in bad[:10]]
+    return not bad, lines
 
 
 def load(ours, ref):
+    ok, line = load_check(ours, ref)
+    print(line)
+    sys.exit(0 if ok else 1)
+
+
+def load_check(ours, ref):
     from transformers import AutoModelForCausalLM
 
     ids = torch.tensor([[1, 5, 42, 100, 7, 300, 11, 2]])
@@ -185,8 +208,66 @@ def load(ours, ref):
             outs.append(m(ids).logits.float())
     diff = float((outs[0] - outs[1]).abs().max())
     scale = float(outs[1].abs().max())
-    print(f"transformers loaded ftconv's folder; logits max |diff| vs PEFT's merge {diff:.3g} (max |logit| {scale:.3g})")
-    sys.exit(0 if diff <= 1e-2 * max(scale, 1.0) else 1)
+    return diff <= 1e-2 * max(scale, 1.0), (
+        f"transformers loads ftconv's folder; logits max |diff| vs PEFT's merge {diff:.3g} (max |logit| {scale:.3g})")
+
+
+# name -> (base key, [(adapter case, weight)])
+CASES = {
+    "rslora-patterns-all-linear": ("smollm2", [("rslora", 1.0)]),
+    "dora": ("smollm2", [("dora", 1.0)]),
+    "embedding+modules_to_save": ("small", [("embed-mts", 1.0)]),
+    "layers_to_transform+modules_to_save": ("small", [("layers", 1.0)]),
+    "embedding-tied": ("smollm2", [("tied-embed", 1.0)]),
+    "gpt2-conv1d-fan_in_fan_out": ("gpt2", [("gpt2", 1.0)]),
+    "gpt2-conv1d-dora": ("gpt2", [("gpt2-dora", 1.0)]),
+    "two-adapters-weighted": ("smollm2", [("two-a", 0.7), ("two-b", -0.4)]),
+    "ia3": ("smollm2", [("ia3", 1.0)]),
+}
+
+
+def prepare(work, smol, small):
+    os.makedirs(work, exist_ok=True)
+    bases = {"smollm2": smol, "small": small, "gpt2": os.path.join(work, "model-gpt2")}
+    if not os.path.isfile(os.path.join(smol, "config.json")):
+        bases["smollm2"] = os.path.join(work, "model-tied-llama")
+        make_model("tied-llama", bases["smollm2"])
+        print(f"prepare: {smol} is missing; using a generated tied llama instead")
+    if not os.path.isfile(os.path.join(small, "config.json")):
+        bases["small"] = os.path.join(work, "model-untied-llama")
+        make_model("untied-llama", bases["small"])
+        print(f"prepare: {small} is missing; using a generated untied llama instead")
+    make_model("gpt2", bases["gpt2"])
+    rows = []
+    for name, (base, ads) in CASES.items():
+        specs = []
+        for case, w in ads:
+            d = os.path.join(work, f"adapter-{case}")
+            if not os.path.isdir(d):
+                make_adapter(case, bases[base], d)
+            specs.append(d if w == 1.0 else f"{d}@{w}")
+        ref = os.path.join(work, f"peft-{name}")
+        peft_merge(bases[base], ref, specs)
+        rows.append("\t".join([name, bases[base], ref, os.path.join(work, f"ftconv-{name}")] + specs))
+    with open(os.path.join(work, "cases.tsv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+
+
+def check(work):
+    for line in open(os.path.join(work, "cases.tsv")):
+        name, _base, ref, ours = line.rstrip("\n").split("\t")[:4]
+        if not os.path.isdir(ours):
+            print(f"RESULT {name} FAIL no ftconv output")
+            continue
+        ok, lines = compare_dirs(ref, ours)
+        print(f"RESULT {name} {'PASS' if ok else 'FAIL'} vs PEFT merge_and_unload: " + lines[0])
+        for x in lines[1:]:
+            print("DETAIL " + x)
+        try:
+            ok, msg = load_check(ours, ref)
+        except Exception as e:  # noqa: BLE001
+            ok, msg = False, f"transformers cannot load ftconv's folder: {e}"
+        print(f"RESULT {name}-load {'PASS' if ok else 'FAIL'} {msg}")
 
 
 def main():
@@ -203,6 +284,10 @@ def main():
         compare(*args)
     elif cmd == "load":
         load(*args)
+    elif cmd == "prepare":
+        prepare(*args)
+    elif cmd == "check":
+        check(*args)
     else:
         sys.exit(__doc__)
 
