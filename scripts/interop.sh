@@ -116,7 +116,8 @@ section_quantize() {
 
 # ---------------------------------------------------------------- later sections (placeholders)
 # TODO(merge): ftconv merge BASE ADAPTER vs PEFT merge_and_unload (bf16 and f32 bases, several adapters, IA3).
-section_merge() { echo "== merge"; skip "merge: not implemented"; }
+# shellcheck source=interop/merge.sh
+source "$INTEROP/merge.sh"
 # shellcheck source=interop/nf4.sh
 source "$INTEROP/nf4.sh"
 # TODO(ollama): Modelfile grammar + TEMPLATE rendered by a Go text/template renderer == HF chat template.

@@ -10,6 +10,7 @@ fn main() -> ExitCode {
         Command::Quantize(a) => cli::quantize::run(a, quiet),
         Command::Adapter(a) => cli::adapter::run(a, quiet),
         Command::Ollama(a) => cli::ollama::run(a, quiet),
+        Command::Merge(a) => cli::merge::run(a, quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,7 @@
 
 pub mod adapter;
 pub mod inspect;
+pub mod merge;
 pub mod ollama;
 pub mod quantize;
 
@@ -48,6 +49,8 @@ pub enum Command {
     Adapter(adapter::Args),
     /// Ollama Modelfile whose TEMPLATE is proved to render like the model's chat template.
     Ollama(ollama::Args),
+    /// Merge PEFT LoRA/DoRA/IA³ adapters into a base model as PEFT does → HF folder or GGUF.
+    Merge(merge::Args),
 }
 
 /// Configure the global thread pool.
