@@ -11,6 +11,8 @@ pub mod convert;
 pub mod exec;
 pub mod gguf;
 pub mod gpu;
+pub mod lora;
+pub mod ollama;
 pub mod output;
 pub mod plan;
 pub mod quant;

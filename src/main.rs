@@ -8,6 +8,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(a) => cli::inspect::run(a, quiet),
         Command::Quantize(a) => cli::quantize::run(a, quiet),
+        Command::Adapter(a) => cli::adapter::run(a, quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

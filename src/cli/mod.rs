@@ -1,5 +1,6 @@
 //! Command-line interface: one file per subcommand (its arguments and orchestration only).
 
+pub mod adapter;
 pub mod inspect;
 pub mod quantize;
 
@@ -42,6 +43,8 @@ pub enum Command {
     Inspect(inspect::Args),
     /// HF checkpoint / GGUF / safetensors → GGUF in any llama-quantize type, or NF4/FP4.
     Quantize(quantize::Args),
+    /// PEFT LoRA adapter → GGUF LoRA adapter (llama.cpp --lora, Ollama ADAPTER).
+    Adapter(adapter::Args),
 }
 
 /// Configure the global thread pool.

@@ -1,0 +1,1 @@
+//! Writing the merged model as an HF folder (filled in below).
