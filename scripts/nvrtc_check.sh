@@ -6,7 +6,7 @@
 #
 # The wheel goes into a cache outside the repository and is reused between runs:
 #   ${FTCONV_INTEROP_CACHE:-$HOME/.cache/ftconv-interop}/nvrtc/<version>
-# Extra arguments are passed to `cargo test` (e.g. --no-default-features --features cuda).
+# Extra arguments go to `cargo test` (e.g. --no-default-features --features cuda -- --nocapture).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,4 +35,4 @@ LIBDIR="$(dirname "$LIB")"
 echo "== nvidia-cuda-nvrtc $NVRTC_VERSION: $LIBDIR"
 
 FTCONV_REQUIRE_NVRTC=1 LD_LIBRARY_PATH="$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-    cargo test --release "$@" --test gpu_kernels
+    cargo test --release --test gpu_kernels "$@"

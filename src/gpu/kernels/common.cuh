@@ -51,6 +51,16 @@ FT_DEV int ft_nearest_int(float f) {
     return (int)(ft_f2u(v) & 0x007fffffu) - 0x00400000;
 }
 
+// C's roundf: nearest integer, halfway cases away from zero. Written out (truncation is exact
+// and x - trunc(x) is exact) so the device and the host library cannot differ.
+FT_DEV float ft_roundf(float x) {
+    const float t = truncf(x);
+    if (fabsf(x - t) >= 0.5f) {
+        return t + copysignf(1.0f, x);
+    }
+    return t;
+}
+
 // C's float -> int conversion as x86-64 executes it (cvttss2si): truncation toward zero, and
 // the "integer indefinite" value INT_MIN for NaN and anything outside the i32 range. The
 // reference is built for x86-64, so its (int8_t)(float) / (uint8_t)(float) casts of out-of-range

@@ -126,7 +126,7 @@ FT_DEV void ft_block_q8_0(const float* FT_RESTRICT x, u8* FT_RESTRICT y) {
     ft_store_f16(y, d);
     for (int j = 0; j < FT_QK; j++) {
         const float x0 = x[j] * id;
-        y[2 + j] = (u8)(i8)ft_cvt_trunc_i32(roundf(x0));
+        y[2 + j] = (u8)(i8)ft_cvt_trunc_i32(ft_roundf(x0));
     }
 }
 
