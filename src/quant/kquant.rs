@@ -3,6 +3,13 @@
 //! "k4" packing of the Q4_K/Q5_K sub-block scales and mins.
 //!
 //! Everything is f32 in llama.cpp's source order, without fused multiply-adds.
+//!
+//! Speed: [`make_qkx2_quants`] is the scalar reference. The fast paths run it lane-parallel
+//! *across independent sub-blocks* (a lane per sub-block, never splitting a sum the reference
+//! orders): [`make_qkx2_quants_lanes`] in portable array code and [`avx2::make_qkx2_quants_x8`]
+//! with AVX2 intrinsics (picked at run time by the type modules). Unit tests check both against
+//! the scalar reference on random and edge-case blocks, and the reference against llama.cpp's
+//! golden bytes.
 
 use super::fp::nearest_int;
 
