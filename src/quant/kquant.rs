@@ -3,6 +3,13 @@
 //! "k4" packing of the Q4_K/Q5_K sub-block scales and mins.
 //!
 //! Everything is f32 in llama.cpp's source order, without fused multiply-adds.
+//!
+//! Speed: [`make_qkx2_quants`] is the scalar reference. The fast paths run it lane-parallel
+//! *across independent sub-blocks* (a lane per sub-block, never splitting a sum the reference
+//! orders): [`make_qkx2_quants_lanes`] in portable array code and [`avx2::make_qkx2_quants_x8`]
+//! with AVX2 intrinsics (picked at run time by the type modules). Unit tests check both against
+//! the scalar reference on random and edge-case blocks, and the reference against llama.cpp's
+//! golden bytes.
 
 use super::fp::nearest_int;
 
@@ -361,11 +368,7 @@ pub fn fit_32x8_avx2<const V: usize>(
     let mut xt = [[[0f32; 8]; V]; 32];
     let mut w = [[[0f32; 8]; V]; 32];
     for v in 0..V {
-        let (a, b) = prep_32x8(x[v]);
-        for i in 0..32 {
-            xt[i][v] = a[i];
-            w[i][v] = b[i];
-        }
+        avx2::prep_32x8(x[v], &mut xt, &mut w, v);
     }
     let mut lt = [[[0u8; 8]; V]; 32];
     let r = avx2::make_qkx2_quants_x8::<32, V>(nmax, &xt, &w, &mut lt, rmin, 0.1, nstep, false);
@@ -418,6 +421,74 @@ pub mod avx2 {
             _mm256_and_ps(d, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF)))
         } else {
             _mm256_mul_ps(d, d)
+        }
+    }
+
+    /// Transpose the 8×8 tile `r[j][c]` → `out[c][j]` (data movement only).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
+
+    /// AVX2 version of `prep_32x8` for block `v` of a `V`-block batch: transposes so that
+    /// lane `j` = sub-block `j`, sums `x²` in element order per lane, weights
+    /// `sqrt(sum / 32) + |x|`.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2")]
+    pub(super) fn prep_32x8<const V: usize>(
+        x: &[f32; 256],
+        xt: &mut [[[f32; 8]; V]; 32],
+        w: &mut [[[f32; 8]; V]; 32],
+        v: usize,
+    ) {
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+        let mut xs = [_mm256_setzero_ps(); 32];
+        for t in 0..4 {
+            let mut r = [_mm256_setzero_ps(); 8];
+            for j in 0..8 {
+                let row: &[f32; 8] = x[32 * j + 8 * t..32 * j + 8 * t + 8].try_into().unwrap();
+                r[j] = load(row);
+            }
+            let c = transpose8(r);
+            xs[8 * t..8 * t + 8].copy_from_slice(&c);
+        }
+        let mut sum_x2 = _mm256_setzero_ps();
+        for i in 0..32 {
+            sum_x2 = _mm256_add_ps(sum_x2, _mm256_mul_ps(xs[i], xs[i]));
+            store(&mut xt[i][v], xs[i]);
+        }
+        let av = _mm256_sqrt_ps(_mm256_div_ps(sum_x2, _mm256_set1_ps(32.0)));
+        for i in 0..32 {
+            store(
+                &mut w[i][v],
+                _mm256_add_ps(av, _mm256_and_ps(xs[i], abs_mask)),
+            );
         }
     }
 

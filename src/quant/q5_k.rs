@@ -28,29 +28,41 @@ pub fn quantize(x: &[f32], y: &mut [u8]) {
     quantize_portable(x, y);
 }
 
+/// Super-blocks per AVX2 kernel call: `8·GROUP` lanes in `GROUP` interleaved vectors, which
+/// hides the latency of the reference's strictly sequential sums.
+#[cfg(target_arch = "x86_64")]
+const GROUP: usize = 2;
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn quantize_avx2(x: &[f32], y: &mut [u8]) {
-    // two super-blocks per kernel call (16 lanes in two interleaved vectors), then the odd one
-    let mut xs = x.chunks_exact(2 * QK_K);
-    let mut ys = y.chunks_exact_mut(2 * BLOCK_BYTES);
-    for (x2, y2) in (&mut xs).zip(&mut ys) {
-        let (xa, xb) = x2.split_at(QK_K);
-        let xa: &[f32; QK_K] = xa.try_into().unwrap();
-        let xb: &[f32; QK_K] = xb.try_into().unwrap();
-        let mut l = [[0u8; QK_K]; 2];
-        let (scales, mins) = fit_32x8_avx2::<2>([xa, xb], 31, -0.5, 15, &mut l);
-        let (ya, yb) = y2.split_at_mut(BLOCK_BYTES);
-        let [la, lb] = &mut l;
-        finish_block(xa, &scales[0], &mins[0], la, ya.try_into().unwrap());
-        finish_block(xb, &scales[1], &mins[1], lb, yb.try_into().unwrap());
+    let mut xs = x.chunks_exact(GROUP * QK_K);
+    let mut ys = y.chunks_exact_mut(GROUP * BLOCK_BYTES);
+    for (xg, yg) in (&mut xs).zip(&mut ys) {
+        quantize_group_avx2::<GROUP>(xg, yg);
     }
     let (xr, yr) = (xs.remainder(), ys.into_remainder());
-    if !xr.is_empty() {
-        let xr: &[f32; QK_K] = xr.try_into().unwrap();
-        let mut l = [[0u8; QK_K]; 1];
-        let (scales, mins) = fit_32x8_avx2::<1>([xr], 31, -0.5, 15, &mut l);
-        finish_block(xr, &scales[0], &mins[0], &mut l[0], yr.try_into().unwrap());
+    for (xb, yb) in xr.chunks_exact(QK_K).zip(yr.chunks_exact_mut(BLOCK_BYTES)) {
+        quantize_group_avx2::<1>(xb, yb);
+    }
+}
+
+/// `V` consecutive super-blocks `x` (`V·256` values) into `y` (`V·176` bytes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn quantize_group_avx2<const V: usize>(x: &[f32], y: &mut [u8]) {
+    let xb: [&[f32; QK_K]; V] =
+        std::array::from_fn(|v| x[v * QK_K..(v + 1) * QK_K].try_into().unwrap());
+    let mut l = [[0u8; QK_K]; V];
+    let (scales, mins) = fit_32x8_avx2::<V>(xb, 31, -0.5, 15, &mut l);
+    for (v, yb) in y.chunks_exact_mut(BLOCK_BYTES).enumerate() {
+        finish_block(
+            xb[v],
+            &scales[v],
+            &mins[v],
+            &mut l[v],
+            yb.try_into().unwrap(),
+        );
     }
 }
 
