@@ -479,7 +479,8 @@ mod fp16_conformance {
         }
     }
 
-    /// All 2^32 patterns (a few minutes: run with `--ignored` when fp.rs changes).
+    /// All 2^32 patterns (roughly a quarter of an hour of CPU: run with `--ignored` when fp.rs
+    /// changes).
     #[test]
     #[ignore]
     fn f16_encode_is_rne_exhaustive() {
