@@ -122,8 +122,8 @@ source "$INTEROP/merge.sh"
 source "$INTEROP/nf4.sh"
 # TODO(ollama): Modelfile grammar + TEMPLATE rendered by a Go text/template renderer == HF chat template.
 section_ollama() { echo "== ollama"; skip "ollama: not implemented"; }
-# TODO(adapter): ftconv LoRA adapter -> GGUF vs convert_lora_to_gguf.py ($CONVERT_LORA).
-section_adapter() { echo "== adapter"; skip "adapter: not implemented"; }
+# shellcheck source=interop/adapter.sh
+source "$INTEROP/adapter.sh"
 # TODO(finetune): logits / loss / LoRA gradients vs PEFT on an f32 base, within 1e-4 relative per tensor.
 section_finetune() { echo "== finetune"; skip "finetune: not implemented"; }
 

@@ -11,6 +11,7 @@ fn main() -> ExitCode {
         Command::Adapter(a) => cli::adapter::run(a, quiet),
         Command::Ollama(a) => cli::ollama::run(a, quiet),
         Command::Merge(a) => cli::merge::run(a, quiet),
+        Command::Package(a) => cli::package::run(a, quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

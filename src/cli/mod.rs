@@ -4,6 +4,7 @@ pub mod adapter;
 pub mod inspect;
 pub mod merge;
 pub mod ollama;
+pub mod package;
 pub mod quantize;
 
 use clap::{Parser, Subcommand};
@@ -51,6 +52,8 @@ pub enum Command {
     Ollama(ollama::Args),
     /// Merge PEFT LoRA/DoRA/IA³ adapters into a base model as PEFT does → HF folder or GGUF.
     Merge(merge::Args),
+    /// CI pipeline: adapters merged + quantized GGUF, proved Modelfile, manifest.json.
+    Package(package::Args),
 }
 
 /// Configure the global thread pool.
