@@ -119,8 +119,8 @@ section_quantize() {
 section_merge() { echo "== merge"; skip "merge: not implemented"; }
 # TODO(nf4): ftconv --to nf4 vs bitsandbytes' quantize_4bit (CPU path), nested offset reported separately.
 section_nf4() { echo "== nf4"; skip "nf4: not implemented"; }
-# TODO(ollama): Modelfile grammar + TEMPLATE rendered by a Go text/template renderer == HF chat template.
-section_ollama() { echo "== ollama"; skip "ollama: not implemented"; }
+# shellcheck source=interop/ollama.sh
+source "$INTEROP/ollama.sh"
 # TODO(adapter): ftconv LoRA adapter -> GGUF vs convert_lora_to_gguf.py ($CONVERT_LORA).
 section_adapter() { echo "== adapter"; skip "adapter: not implemented"; }
 # TODO(finetune): logits / loss / LoRA gradients vs PEFT on an f32 base, within 1e-4 relative per tensor.

@@ -326,3 +326,32 @@ fn render_mode_prints_what_ollama_renders() {
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU1\n\nU2<|im_end|>\n<|im_start|>assistant\n"
     );
 }
+
+#[test]
+fn adapter_line_relative_to_the_modelfile() {
+    use ftconv::gguf::{GgufWriter, Metadata, Value};
+    let d = tempfile::tempdir().unwrap();
+    let sub = d.path().join("adapters");
+    std::fs::create_dir(&sub).unwrap();
+    let adapter = sub.join("lora.gguf");
+    let mut md = Metadata::new();
+    md.set("general.architecture", Value::Str("llama".into()));
+    md.set("general.type", Value::Str("adapter".into()));
+    md.set("adapter.type", Value::Str("lora".into()));
+    let w = GgufWriter::new(std::fs::File::create(&adapter).unwrap(), &md, &[]).unwrap();
+    w.finish().unwrap();
+    let model = hf_copy(d.path(), "m", |_| {});
+    let mf = d.path().join("Modelfile");
+    let o = run(&[
+        "ollama",
+        model.to_str().unwrap(),
+        "-o",
+        mf.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+    ]);
+    ok(&o);
+    let (_, cmds) = parse_file(&mf);
+    assert_eq!(values(&cmds, "adapter"), vec!["./adapters/lora.gguf"]);
+    assert_eq!(values(&cmds, "model"), vec!["./m"]);
+}
