@@ -326,3 +326,65 @@ fn render_mode_prints_what_ollama_renders() {
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU1\n\nU2<|im_end|>\n<|im_start|>assistant\n"
     );
 }
+
+#[test]
+fn adapter_line_relative_to_the_modelfile() {
+    use ftconv::gguf::{GgufWriter, Metadata, Value};
+    let d = tempfile::tempdir().unwrap();
+    let sub = d.path().join("adapters");
+    std::fs::create_dir(&sub).unwrap();
+    let adapter = sub.join("lora.gguf");
+    let mut md = Metadata::new();
+    md.set("general.architecture", Value::Str("llama".into()));
+    md.set("general.type", Value::Str("adapter".into()));
+    md.set("adapter.type", Value::Str("lora".into()));
+    let w = GgufWriter::new(std::fs::File::create(&adapter).unwrap(), &md, &[]).unwrap();
+    w.finish().unwrap();
+    let model = hf_copy(d.path(), "m", |_| {});
+    let mf = d.path().join("Modelfile");
+    let o = run(&[
+        "ollama",
+        model.to_str().unwrap(),
+        "-o",
+        mf.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+    ]);
+    ok(&o);
+    let (_, cmds) = parse_file(&mf);
+    assert_eq!(values(&cmds, "adapter"), vec!["./adapters/lora.gguf"]);
+    assert_eq!(values(&cmds, "model"), vec!["./m"]);
+}
+
+#[test]
+fn bos_the_tokenizer_does_not_add_is_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let tpl = std::fs::read_to_string(fixture("templates/written-llama-2-chat.jinja")).unwrap();
+    let model = hf_copy(d.path(), "l2", |tc| {
+        tc["chat_template"] = serde_json::Value::from(tpl.clone());
+        tc["add_bos_token"] = false.into();
+    });
+    let mf = d.path().join("Modelfile");
+    let o = run(&[
+        "ollama",
+        model.to_str().unwrap(),
+        "-o",
+        mf.to_str().unwrap(),
+    ]);
+    ok(&o);
+    assert!(stderr(&o).contains("run without it"), "{}", stderr(&o));
+    let (text, cmds) = parse_file(&mf);
+    assert!(text.contains("# note: the chat template writes BOS (<s>)"));
+    // Llama 2 markers ∪ the tokenizer's EOS
+    assert_eq!(
+        values(&cmds, "stop"),
+        vec![
+            "[INST]",
+            "[/INST]",
+            "<<SYS>>",
+            "<</SYS>>",
+            "<|im_end|>",
+            "</s>"
+        ]
+    );
+}

@@ -88,6 +88,7 @@ fn model_info(model: &Path, template_from: Option<&Path>) -> Result<ModelInfo> {
             eos,
             unnamed_eos_ids: hf.unnamed_eos_ids,
             generation_config: hf.generation_config,
+            add_bos: info.add_bos.or(hf.add_bos),
         };
     }
     if info.chat.is_none() {

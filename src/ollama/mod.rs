@@ -476,7 +476,8 @@ pub fn derive(src: &ChatSource, force: bool) -> Result<Derived> {
         }
         variants.extend(fam.variants.iter().filter(|v| !v.tools));
         for v in variants {
-            let text = match families::variant_text(v, &date) {
+            let eos = src.special.get("eos_token").and_then(J::as_str);
+            let text = match families::variant_text(v, &date, eos) {
                 Ok(t) => t,
                 Err(_) => continue,
             };
@@ -588,6 +589,14 @@ pub fn build(info: &source::ModelInfo, opts: &Options) -> Result<Built> {
         if !s.is_empty() && !stops.contains(s) {
             stops.push(s.clone());
         }
+    }
+    if info.add_bos == Some(false)
+        && let Some(b) = chat.bos()
+        && chat.template.contains("bos_token")
+    {
+        notes.push(format!(
+            "the chat template writes BOS ({b}) but the tokenizer does not add it (add_bos_token false), and Modelfile templates carry no BOS: the model will run without it"
+        ));
     }
     for id in &info.unnamed_eos_ids {
         notes.push(format!(

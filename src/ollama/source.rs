@@ -18,6 +18,8 @@ pub struct ModelInfo {
     /// eos ids that no vocabulary names.
     pub unnamed_eos_ids: Vec<u64>,
     pub generation_config: Option<J>,
+    /// Whether the tokenizer adds BOS (tokenizer.ggml.add_bos_token / add_bos_token).
+    pub add_bos: Option<bool>,
 }
 
 fn token_string(v: &J) -> Option<String> {
@@ -137,6 +139,10 @@ pub fn from_hf_dir(dir: &Path) -> Result<ModelInfo> {
     if let Some(e) = special.get("eos_token").and_then(J::as_str) {
         push_unique(&mut info.eos, e.to_string());
     }
+    info.add_bos = tc
+        .as_ref()
+        .and_then(|t| t.get("add_bos_token"))
+        .and_then(J::as_bool);
     info.generation_config = read_json_opt(&dir.join("generation_config.json"))?;
     if let Some(gc) = &info.generation_config {
         let ids = eos_ids(gc);
@@ -190,6 +196,9 @@ pub fn from_gguf(path: &Path) -> Result<ModelInfo> {
             info.unnamed_eos_ids.push(id);
         }
     }
+    info.add_bos = md
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.as_bool());
     info.chat = md.get_str("tokenizer.chat_template").map(|t| ChatSource {
         template: t.to_string(),
         special,
