@@ -25,7 +25,7 @@ done
 source "$ROOT/scripts/interop/setup.sh" --bench1b
 cargo build --release --manifest-path "$ROOT/Cargo.toml" >/dev/null
 FTCONV=$ROOT/target/release/ftconv
-MODEL=${BENCH1B:?setup.sh did not export BENCH1B}
+MODEL=${BENCH1B_HF:?setup.sh did not export BENCH1B_HF}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 

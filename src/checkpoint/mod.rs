@@ -1,6 +1,7 @@
 //! Hugging Face model folders: config.json, safetensors shards (+ index), tokenizer files,
 //! chat template and generation config; and the sharded safetensors writer.
 
+pub mod bnb;
 pub mod config;
 pub mod safetensors;
 pub mod writer;
@@ -146,6 +147,14 @@ impl HfCheckpoint {
                 }
             }
         }
+        if is_bnb_folder(dir)? {
+            bnb::fold_quantized(dir, &mut tensors)?;
+            index = tensors
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.clone(), i))
+                .collect();
+        }
         Ok(HfCheckpoint {
             dir: dir.to_path_buf(),
             config,
@@ -197,6 +206,17 @@ pub fn read_json_opt(path: &Path) -> Result<Option<Value>> {
     let v = serde_json::from_str(&text)
         .map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
     Ok(Some(v))
+}
+
+/// Whether config.json says `quant_method: bitsandbytes` (a pre-quantized 4-bit folder).
+pub fn is_bnb_folder(dir: &Path) -> Result<bool> {
+    let cfg = read_json_opt(&dir.join("config.json"))?;
+    Ok(cfg
+        .as_ref()
+        .and_then(|c| c.get("quantization_config"))
+        .and_then(|q| q.get("quant_method"))
+        .and_then(Value::as_str)
+        == Some("bitsandbytes"))
 }
 
 /// What kind of input a path is.

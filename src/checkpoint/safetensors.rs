@@ -31,6 +31,9 @@ pub struct TensorRef {
     pub len: usize,
     pub file: Arc<PathBuf>,
     map: Arc<Mmap>,
+    /// A bitsandbytes 4-bit weight seen as its dequantized self (see `checkpoint::bnb`):
+    /// `read_f32` dequantizes, `bytes`/`start`/`len` are the packed codes.
+    bnb4: Option<Arc<crate::checkpoint::bnb::Bnb4Weight>>,
 }
 
 impl std::fmt::Debug for TensorRef {
@@ -78,8 +81,35 @@ impl TensorRef {
         matches!(self.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16)
     }
 
-    /// Read `out.len()` elements starting at element `first`, widened to f32 (exactly).
+    /// The 4-bit weight behind a logical tensor of an NF4/FP4 checkpoint.
+    pub fn bnb4(&self) -> Option<&crate::checkpoint::bnb::Bnb4Weight> {
+        self.bnb4.as_deref()
+    }
+
+    /// A logical tensor (name, stored dtype, shape) for a 4-bit weight whose packed codes are
+    /// `self`.
+    pub fn with_bnb4(
+        &self,
+        name: String,
+        dtype: Dtype,
+        shape: Vec<usize>,
+        w: Arc<crate::checkpoint::bnb::Bnb4Weight>,
+    ) -> TensorRef {
+        TensorRef {
+            name,
+            dtype,
+            shape,
+            bnb4: Some(w),
+            ..self.clone()
+        }
+    }
+
+    /// Read `out.len()` elements starting at element `first`, widened to f32 (exactly; a 4-bit
+    /// weight is dequantized to its stored dtype first).
     pub fn read_f32(&self, first: usize, out: &mut [f32]) -> Result<()> {
+        if let Some(q) = &self.bnb4 {
+            return q.read_f32(first, out);
+        }
         let b = self.bytes();
         match self.dtype {
             Dtype::F32 => {
@@ -116,6 +146,9 @@ impl TensorRef {
 
     /// Tell the kernel the pages of this tensor are no longer needed (keeps RSS bounded).
     pub fn release(&self) {
+        if let Some(q) = &self.bnb4 {
+            q.release();
+        }
         release_range(&self.map, self.start, self.len);
     }
 }
@@ -259,6 +292,7 @@ impl StFile {
                 len: b - a,
                 file: file_arc.clone(),
                 map: map.clone(),
+                bnb4: None,
             });
         }
         Ok(StFile {

@@ -235,6 +235,23 @@ fn folder(
         if let Some(q) = cfg.get("quantization_config") {
             info.insert("quantization_config".into(), q.clone());
         }
+        if kind == InputKind::Nf4Folder {
+            // open it as ftconv reads it: every 4-bit key group checked and folded
+            let ck = checkpoint::HfCheckpoint::open(dir)?;
+            let q: Vec<_> = ck.tensors.iter().filter_map(|t| t.bnb4()).collect();
+            let mut types: Vec<&str> = q.iter().map(|w| w.info.quant_type.name()).collect();
+            types.dedup();
+            info.insert(
+                "bnb_4bit".into(),
+                json!({
+                    "quantized_weights": q.len(),
+                    "quant_type": types,
+                    "double_quant": q.iter().any(|w| w.info.nested_offset.is_some()),
+                    "stored_dtype": q.first().map(|w| w.info.dtype.torch_name()),
+                    "blocksize": q.first().map(|w| w.info.blocksize),
+                }),
+            );
+        }
         checkpoint::shard_names(dir)?.0
     };
     info.insert("files".into(), json!(files));

@@ -1,5 +1,6 @@
 //! Command-line interface: one file per subcommand (its arguments and orchestration only).
 
+pub mod adapter;
 pub mod inspect;
 pub mod merge;
 pub mod quantize;
@@ -45,6 +46,8 @@ pub enum Command {
     Quantize(quantize::Args),
     /// Merge PEFT LoRA/DoRA/IA³ adapters into a base model as PEFT does → HF folder or GGUF.
     Merge(merge::Args),
+    /// PEFT LoRA adapter → GGUF LoRA adapter (llama.cpp --lora, Ollama ADAPTER).
+    Adapter(adapter::Args),
 }
 
 /// Configure the global thread pool.

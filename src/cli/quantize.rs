@@ -2,11 +2,14 @@
 //! GGUF byte-identical to convert_hf_to_gguf.py + llama-quantize (or NF4/FP4 folders).
 
 use super::{human_bytes, progress_bar, set_threads, usage};
+use crate::checkpoint::bnb::{self, Bnb4Options};
 use crate::checkpoint::{self, HfCheckpoint, InputKind};
 use crate::convert::{self, QuantOptions};
 use crate::exec::{self, Summary};
+use crate::gpu::{Backend, DeviceChoice};
 use crate::plan::Plan;
 use crate::quant::Ftype;
+use crate::quant::nf4::{QuantType, StoredDtype};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 
@@ -49,7 +52,8 @@ pub struct Args {
     /// Target type as llama-quantize spells it (q4_k_m, Q8_0, bf16…), or nf4 / fp4.
     #[arg(long = "to", value_parser = parse_target)]
     pub to: Target,
-    /// Output file (default: <model-name>-<TYPE>.gguf in the current folder).
+    /// Output file (default: <model-name>-<TYPE>.gguf in the current folder); for nf4/fp4 an
+    /// output folder (default: <model-name>-NF4).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
     /// Every 2-D tensor at the type's base type (as llama-quantize --pure).
@@ -64,6 +68,22 @@ pub struct Args {
     /// Print the result (or the plan) as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// NF4/FP4: store absmax without double quantization (bnb_4bit_use_double_quant=False).
+    #[arg(long)]
+    pub no_double_quant: bool,
+    /// NF4/FP4: leave this module unquantized (transformers' llm_int8_skip_modules matching:
+    /// a path prefix up to a dot, a regex, or a suffix such as `down_proj`). Repeatable.
+    #[arg(long = "skip", value_name = "MODULE")]
+    pub skip: Vec<String>,
+    /// NF4/FP4: bnb_4bit_compute_dtype written to config.json.
+    #[arg(long, value_name = "DTYPE", default_value = "bfloat16")]
+    pub compute_dtype: String,
+    /// NF4/FP4: largest shard, in bytes or with a unit (transformers' max_shard_size: 5GB, 500MB).
+    #[arg(long, value_name = "SIZE", default_value = "50GB")]
+    pub max_shard_size: String,
+    /// Where to quantize: auto (the GPU when one is usable), cpu, or cuda (the GPU, or fail).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
     /// Merge this PEFT adapter first (as `ftconv merge … --to`); repeatable, ADAPTER@WEIGHT.
     #[arg(long = "adapter", value_name = "ADAPTER[@WEIGHT]")]
     pub adapters: Vec<String>,
@@ -73,13 +93,19 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     set_threads(a.threads)?;
     let ftype = match a.to {
         Target::Gguf(f) => f,
-        Target::Nf4 | Target::Fp4 => {
+        Target::Nf4 | Target::Fp4 if !a.adapters.is_empty() => {
             return Err(usage(format!(
-                "--to {} is not available in this build yet",
+                "--adapter with --to {} is not available yet (merge to a folder first, then quantize it)",
                 a.to.name()
             )));
         }
+        Target::Nf4 | Target::Fp4 => return run_bnb4(a, quiet),
     };
+    if a.no_double_quant || !a.skip.is_empty() {
+        return Err(usage(
+            "--no-double-quant and --skip apply only to --to nf4 / fp4",
+        ));
+    }
     let opts = QuantOptions {
         ftype,
         pure: a.pure,
@@ -97,7 +123,8 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
             }
             super::merge::gguf_plan(&a.src, &mplan, &opts)?
         }
-        InputKind::HfFolder => {
+        // an NF4/FP4 folder reads as its dequantized self (bitsandbytes' dequantize_4bit)
+        InputKind::HfFolder | InputKind::Nf4Folder => {
             let ck = HfCheckpoint::open(&a.src)?;
             (convert::plan_hf(&ck, &opts, None)?, ck.name())
         }
@@ -120,12 +147,6 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
                 a.src.display()
             )));
         }
-        InputKind::Nf4Folder => {
-            anyhow::bail!(
-                "{}: reading NF4 checkpoints is not available in this build yet",
-                a.src.display()
-            )
-        }
     };
     let out = a
         .output
@@ -139,9 +160,203 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     if same_file(&a.src, &out) {
         return Err(usage("input and output paths must differ"));
     }
-    let summary = write(&plan, &out, quiet)?;
+    let (backend, line) = crate::gpu::select(a.device)?;
+    if let (Some(line), false) = (line, quiet) {
+        eprintln!("{line}");
+    }
+    let summary = write_on(&plan, &out, quiet, &backend)?;
     report(&plan, &out, &summary, a.json, quiet);
     Ok(())
+}
+
+/// Parse transformers' size strings ("5GB" = 5·10⁹, "2GiB" = 2·2³⁰, or plain bytes).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let x: f64 = num.parse().ok()?;
+    let mul: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KIB" => 1024.0,
+        "MIB" => 1024f64.powi(2),
+        "GIB" => 1024f64.powi(3),
+        "TIB" => 1024f64.powi(4),
+        _ => return None,
+    };
+    (x >= 0.0).then_some((x * mul) as u64)
+}
+
+/// `--to nf4|fp4`: a pre-quantized bitsandbytes checkpoint folder.
+fn run_bnb4(a: Args, quiet: bool) -> Result<()> {
+    let quant_type = if a.to == Target::Nf4 {
+        QuantType::Nf4
+    } else {
+        QuantType::Fp4
+    };
+    let compute_dtype = StoredDtype::from_torch_name(&a.compute_dtype).ok_or_else(|| {
+        usage(format!(
+            "--compute-dtype {:?}: expected bfloat16, float16 or float32",
+            a.compute_dtype
+        ))
+    })?;
+    let max_shard_size = parse_size(&a.max_shard_size)
+        .filter(|&n| n > 0)
+        .ok_or_else(|| {
+            usage(format!(
+                "--max-shard-size {:?}: not a size",
+                a.max_shard_size
+            ))
+        })?;
+    if a.pure {
+        return Err(usage("--pure applies only to GGUF types"));
+    }
+    match checkpoint::detect(&a.src)? {
+        InputKind::HfFolder | InputKind::Nf4Folder => {}
+        InputKind::PeftAdapter => {
+            return Err(usage(format!(
+                "{}: is a PEFT adapter; quantize its base model",
+                a.src.display()
+            )));
+        }
+        _ => {
+            return Err(usage(format!(
+                "{}: --to {} needs an HF model folder",
+                a.src.display(),
+                a.to.name()
+            )));
+        }
+    }
+    let ck = HfCheckpoint::open(&a.src)?;
+    let opts = Bnb4Options {
+        quant_type,
+        double_quant: !a.no_double_quant,
+        skip: a.skip.clone(),
+        compute_dtype,
+        max_shard_size,
+    };
+    let mut plan = bnb::plan(&ck, &opts)?;
+    let out = a
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{}-{}", ck.name(), a.to.name())));
+    if a.dry_run {
+        print_bnb4_plan(&plan, &out, a.json);
+        return Ok(());
+    }
+    if same_file(&a.src, &out) {
+        return Err(usage("input and output paths must differ"));
+    }
+    let t0 = std::time::Instant::now();
+    let dir = crate::output::AtomicDir::create(&out)?;
+    let total = plan.writer.tensors().len() as u64;
+    let pb = progress_bar(total, quiet);
+    let progress = |done: usize, _total: usize, name: &str| {
+        pb.set_position(done as u64);
+        pb.set_message(name.to_string());
+    };
+    let summary = bnb::write(&ck, &mut plan, &dir, &progress)?;
+    pb.finish_and_clear();
+    dir.commit()?;
+    let secs = t0.elapsed().as_secs_f64();
+    if a.json {
+        let v = serde_json::json!({
+            "output": out,
+            "type": a.to.name(),
+            "double_quant": opts.double_quant,
+            "files": summary.files,
+            "quantized_modules": summary.quantized,
+            "unquantized_tensors": summary.copied,
+            "skipped_modules": plan.skipped,
+            "bytes_in": ck.data_bytes(),
+            "bytes_out": summary.bytes_out,
+            "seconds": secs,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap());
+    }
+    if !quiet {
+        eprintln!(
+            "wrote {}: {} Linear weights as {}{}, {} tensors kept, {} → {} in {secs:.1} s",
+            out.display(),
+            summary.quantized,
+            a.to.name(),
+            if opts.double_quant {
+                " (double quant)"
+            } else {
+                ""
+            },
+            summary.copied,
+            human_bytes(ck.data_bytes()),
+            human_bytes(summary.bytes_out),
+        );
+    }
+    Ok(())
+}
+
+fn print_bnb4_plan(plan: &bnb::Bnb4Plan, out: &Path, json: bool) {
+    let w = &plan.writer;
+    if json {
+        let tensors: Vec<serde_json::Value> = w
+            .tensors()
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "name": t.name,
+                    "dtype": format!("{:?}", t.dtype),
+                    "shape": t.shape,
+                    "bytes": t.byte_len(),
+                })
+            })
+            .collect();
+        let files: Vec<&str> = w.shards().iter().map(|s| s.file.as_str()).collect();
+        let v = serde_json::json!({
+            "output": out,
+            "type": plan.opts.quant_type.name(),
+            "double_quant": plan.opts.double_quant,
+            "files": files,
+            "tensors": tensors,
+            "skipped_modules": plan.skipped,
+            "quantization_config": bnb::quantization_config(plan),
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap());
+        return;
+    }
+    println!(
+        "plan: {} ({}) → {}",
+        plan.opts.quant_type.name(),
+        if plan.opts.double_quant {
+            "double quant"
+        } else {
+            "no double quant"
+        },
+        out.display()
+    );
+    for s in w.shards() {
+        println!("{} ({}):", s.file, human_bytes(s.data_bytes));
+        for &i in &s.tensors {
+            let t = &w.tensors()[i];
+            let shape = t
+                .shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("x");
+            println!(
+                "  {:<64} {:>5} {:>14}",
+                t.name,
+                format!("{:?}", t.dtype),
+                shape
+            );
+        }
+    }
+    if !plan.skipped.is_empty() {
+        println!("left unquantized: {}", plan.skipped.join(", "));
+    }
 }
 
 fn file_stem(p: &Path) -> String {
@@ -159,13 +374,18 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 /// Write the plan with a progress bar.
 pub fn write(plan: &Plan, out: &Path, quiet: bool) -> Result<Summary> {
+    write_on(plan, out, quiet, &Backend::Cpu)
+}
+
+/// [`write`], quantizing on `backend`.
+pub fn write_on(plan: &Plan, out: &Path, quiet: bool, backend: &Backend) -> Result<Summary> {
     let pb = progress_bar(plan.n_elements(), quiet);
     let n = plan.tensors.len();
     let progress = |i: usize, name: &str, done: u64| {
         pb.set_position(done);
         pb.set_message(format!("[{}/{n}] {name}", i + 1));
     };
-    let s = exec::write_gguf(plan, out, true, &progress);
+    let s = exec::write_gguf_on(plan, out, true, &progress, backend);
     pb.finish_and_clear();
     s
 }

@@ -2,6 +2,7 @@
 //! PEFT's `merge_and_unload` does (`merge`), and writing the merged HF folder (`output`).
 
 pub mod adapter;
+pub mod export;
 pub mod merge;
 pub mod output;
 

@@ -5,6 +5,8 @@
 //! see `formats/gguf-k-quants.md` and ../shared/specs/gguf-and-k-quants.md §2–3.
 
 pub mod fp;
+pub mod kquant;
+pub mod legacy;
 pub mod nf4;
 pub mod policy;
 pub mod q2_k;

@@ -1,9 +1,168 @@
-//! Q5_K blocks (to be written: bit-exact port of llama.cpp's reference).
+//! Q5_K blocks (176 bytes per 256 values): bit-exact port of llama.cpp's
+//! `quantize_row_q5_K_ref` / `dequantize_row_q5_K` (gguf-and-k-quants.md §2.3, §3.5).
 
-pub fn quantize(_x: &[f32], _y: &mut [u8]) {
-    unimplemented!("Q5_K quantizer")
+use super::QK_K;
+use super::fp::{nearest_int, read_f16, write_f16};
+#[cfg(target_arch = "x86_64")]
+use super::kquant::fit_32x8_avx2;
+use super::kquant::{fit_32x8, get_scale_min_k4, make_qkx2_quants, pack_k4_scales};
+
+/// Bytes per block.
+pub const BLOCK_BYTES: usize = 176;
+
+/// Quantize whole 256-value blocks of `x` into `y` (`x.len() / 256 * 176` bytes).
+///
+/// Lane-parallel over the 8 sub-blocks of each super-block (AVX2 when the CPU has it), byte
+/// for byte equal to [`quantize_ref`].
+pub fn quantize(x: &[f32], y: &mut [u8]) {
+    assert_eq!(x.len() % QK_K, 0);
+    assert_eq!(y.len(), x.len() / QK_K * BLOCK_BYTES);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { quantize_avx2(x, y) };
+            return;
+        }
+    }
+    quantize_portable(x, y);
 }
 
-pub fn dequantize(_x: &[u8], _y: &mut [f32]) {
-    unimplemented!("Q5_K dequantizer")
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn quantize_avx2(x: &[f32], y: &mut [u8]) {
+    for (xb, yb) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(BLOCK_BYTES)) {
+        let xb: &[f32; QK_K] = xb.try_into().unwrap();
+        let mut l = [0u8; QK_K];
+        let (scales, mins) = fit_32x8_avx2(xb, 31, -0.5, 15, &mut l);
+        finish_block(xb, &scales, &mins, &mut l, yb.try_into().unwrap());
+    }
+}
+
+#[inline(always)]
+pub(crate) fn quantize_portable(x: &[f32], y: &mut [u8]) {
+    for (xb, yb) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(BLOCK_BYTES)) {
+        let xb: &[f32; QK_K] = xb.try_into().unwrap();
+        let mut l = [0u8; QK_K];
+        let (scales, mins) = fit_32x8(xb, 31, -0.5, 15, &mut l);
+        finish_block(xb, &scales, &mins, &mut l, yb.try_into().unwrap());
+    }
+}
+
+/// The scalar reference: a direct transcription of `quantize_row_q5_K_ref`.
+pub fn quantize_ref(x: &[f32], y: &mut [u8]) {
+    assert_eq!(x.len() % QK_K, 0);
+    assert_eq!(y.len(), x.len() / QK_K * BLOCK_BYTES);
+    for (xb, yb) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(BLOCK_BYTES)) {
+        quantize_block(xb.try_into().unwrap(), yb.try_into().unwrap());
+    }
+}
+
+fn quantize_block(x: &[f32; QK_K], y: &mut [u8; BLOCK_BYTES]) {
+    let mut l = [0u8; QK_K];
+    let mut laux = [0u8; 32];
+    let mut w = [0f32; 32];
+    let mut scales = [0f32; 8];
+    let mut mins = [0f32; 8];
+    for j in 0..8 {
+        let xs = &x[32 * j..32 * j + 32];
+        let mut sum_x2 = 0.0f32;
+        for &v in xs {
+            sum_x2 += v * v;
+        }
+        let av_x = (sum_x2 / 32.0).sqrt();
+        for (wi, &v) in w.iter_mut().zip(xs) {
+            *wi = av_x + v.abs();
+        }
+        let (s, m) = make_qkx2_quants(
+            31,
+            xs,
+            &w,
+            &mut l[32 * j..32 * j + 32],
+            &mut laux,
+            -0.5,
+            0.1,
+            15,
+            false,
+        );
+        scales[j] = s;
+        mins[j] = m;
+    }
+    finish_block(x, &scales, &mins, &mut l, y);
+}
+
+/// 6-bit scale codes, fp16 `d`/`dmin`, requantisation with the rounded scales, packing.
+#[inline(always)]
+pub(crate) fn finish_block(
+    x: &[f32; QK_K],
+    scales: &[f32; 8],
+    mins: &[f32; 8],
+    l: &mut [u8; QK_K],
+    y: &mut [u8; BLOCK_BYTES],
+) {
+    y[4..16].fill(0);
+    let (d, dmin) = pack_k4_scales(scales, mins, &mut y[4..16]);
+    write_f16(&mut y[0..2], d);
+    write_f16(&mut y[2..4], dmin);
+    let d = read_f16(&y[0..2]);
+    let dmin = read_f16(&y[2..4]);
+    for j in 0..8 {
+        let (sc, m) = get_scale_min_k4(j, &y[4..16]);
+        let dj = d * sc as f32;
+        if dj == 0.0 {
+            continue;
+        }
+        let dm = dmin * m as f32;
+        for i in 0..32 {
+            l[32 * j + i] = nearest_int((x[32 * j + i] + dm) / dj).clamp(0, 31) as u8;
+        }
+    }
+    let (qh, qs) = y[16..].split_at_mut(32);
+    qh.fill(0);
+    for c in 0..4 {
+        let m1 = 1u8 << (2 * c);
+        let m2 = 2u8 << (2 * c);
+        for i in 0..32 {
+            let mut l1 = l[64 * c + i];
+            if l1 > 15 {
+                l1 -= 16;
+                qh[i] |= m1;
+            }
+            let mut l2 = l[64 * c + 32 + i];
+            if l2 > 15 {
+                l2 -= 16;
+                qh[i] |= m2;
+            }
+            qs[32 * c + i] = l1 | (l2 << 4);
+        }
+    }
+}
+
+/// Dequantize whole blocks of `x` into `y` (256 values per 176 bytes).
+pub fn dequantize(x: &[u8], y: &mut [f32]) {
+    assert_eq!(x.len() % BLOCK_BYTES, 0);
+    assert_eq!(y.len(), x.len() / BLOCK_BYTES * QK_K);
+    for (b, out) in x.chunks_exact(BLOCK_BYTES).zip(y.chunks_exact_mut(QK_K)) {
+        let d = read_f16(&b[0..2]);
+        let min = read_f16(&b[2..4]);
+        let sc = &b[4..16];
+        let qh = &b[16..48];
+        let qs = &b[48..];
+        for c in 0..4 {
+            let (s1, m1) = get_scale_min_k4(2 * c, sc);
+            let (s2, m2) = get_scale_min_k4(2 * c + 1, sc);
+            let (d1, m1) = (d * s1 as f32, min * m1 as f32);
+            let (d2, m2) = (d * s2 as f32, min * m2 as f32);
+            let u1 = 1u8 << (2 * c);
+            let u2 = 2u8 << (2 * c);
+            let q = &qs[32 * c..32 * c + 32];
+            let o = &mut out[64 * c..64 * c + 64];
+            for i in 0..32 {
+                let h1 = if qh[i] & u1 != 0 { 16 } else { 0 };
+                let h2 = if qh[i] & u2 != 0 { 16 } else { 0 };
+                o[i] = d1 * ((q[i] & 0xF) + h1) as f32 - m1;
+                o[32 + i] = d2 * ((q[i] >> 4) + h2) as f32 - m2;
+            }
+        }
+    }
 }

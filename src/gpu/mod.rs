@@ -1,0 +1,319 @@
+//! GPU execution: ftconv's own CUDA kernels (src/gpu/kernels/*.cu), compiled at run time by
+//! NVRTC and launched through cudarc, producing the same bytes as the CPU quantizers.
+//!
+//! `--device auto|cpu|cuda` picks the backend ([`select`]). `auto` uses the GPU when libcuda
+//! and libnvrtc load, a context can be created on device 0 and NVRTC is not newer than the
+//! driver (newer NVRTC emits code the driver rejects), and says so in one line; otherwise one
+//! line says why not and the CPU runs. `cuda` turns an unusable GPU into an error. Without the
+//! `cuda` cargo feature everything compiles and `auto` reports "built without CUDA support".
+//!
+//! Kernels run one thread per independent block (or super-block) and do the reference's f32
+//! operations in its order inside the block; NVRTC compiles them with `--fmad=false`, IEEE
+//! division and square root, no flush-to-zero and no fast math, so the results are the CPU's.
+//! The same sources compile as host C++ (tests/gpu_host), which is how the arithmetic is
+//! checked against llama.cpp's and bitsandbytes' outputs on machines without a GPU.
+
+#[cfg(not(feature = "cuda"))]
+mod disabled;
+#[cfg(feature = "cuda")]
+mod enabled;
+
+#[cfg(not(feature = "cuda"))]
+pub use disabled::Gpu;
+#[cfg(feature = "cuda")]
+pub use enabled::{Gpu, compile_cubin};
+
+use crate::quant::{self, GgmlType};
+use anyhow::Result;
+use std::fmt;
+use std::sync::Arc;
+
+/// The `--device` flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DeviceChoice {
+    /// The GPU when one is usable, else the CPU.
+    #[default]
+    Auto,
+    /// Always the CPU.
+    Cpu,
+    /// The GPU, or fail.
+    Cuda,
+}
+
+/// Why the GPU can't be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GpuUnavailable {
+    /// Built without the `cuda` cargo feature.
+    NotCompiled,
+    /// libcuda (the driver) could not be loaded.
+    NoDriverLib,
+    /// libnvrtc could not be loaded.
+    NoNvrtcLib,
+    /// The driver refused (no device, insufficient driver, ...).
+    Driver(String),
+    /// NVRTC is newer than the driver: its output would be rejected.
+    NvrtcTooNew {
+        nvrtc: (i32, i32),
+        driver: (i32, i32),
+    },
+    /// A kernel failed to compile or load.
+    Compile(String),
+    /// cudarc panicked (e.g. a symbol missing from an old driver).
+    Panicked(String),
+}
+
+impl fmt::Display for GpuUnavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GpuUnavailable::NotCompiled => f.write_str("built without CUDA support"),
+            GpuUnavailable::NoDriverLib => {
+                f.write_str("libcuda.so.1 not found: no NVIDIA driver installed")
+            }
+            GpuUnavailable::NoNvrtcLib => f.write_str(
+                "libnvrtc.so.13 (or .12) not found: install the CUDA runtime compiler, e.g. `pip install nvidia-cuda-nvrtc==13.0.*` and put its nvidia/cu13/lib on LD_LIBRARY_PATH",
+            ),
+            GpuUnavailable::Driver(e) => write!(f, "CUDA driver error: {e}"),
+            GpuUnavailable::NvrtcTooNew { nvrtc, driver } => write!(
+                f,
+                "NVRTC {}.{} is newer than the driver's CUDA {}.{}: install an NVRTC no newer than the driver",
+                nvrtc.0, nvrtc.1, driver.0, driver.1
+            ),
+            GpuUnavailable::Compile(e) => write!(f, "kernel compilation failed: {e}"),
+            GpuUnavailable::Panicked(e) => write!(f, "CUDA library failure: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for GpuUnavailable {}
+
+/// Where quantization runs.
+#[derive(Clone)]
+pub enum Backend {
+    Cpu,
+    Cuda(Arc<Gpu>),
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backend::Cpu => f.write_str("Cpu"),
+            Backend::Cuda(g) => write!(f, "Cuda({})", g.describe()),
+        }
+    }
+}
+
+impl Backend {
+    pub fn is_gpu(&self) -> bool {
+        matches!(self, Backend::Cuda(_))
+    }
+
+    /// Whether this backend runs `ty` on the GPU (F32 copies stay on the CPU).
+    pub fn runs_on_gpu(&self, ty: GgmlType) -> bool {
+        self.is_gpu() && ty != GgmlType::F32
+    }
+
+    /// Quantize whole blocks of `ty` from `x` into `y` (as [`quant::quantize`]).
+    pub fn quantize(&self, ty: GgmlType, x: &[f32], y: &mut [u8]) -> Result<()> {
+        match self {
+            Backend::Cuda(g) if ty != GgmlType::F32 => g.quantize(ty, x, y),
+            _ => {
+                quant::quantize(ty, x, y);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The backend `--device` asks for, and the one line to print about it (None for `cpu`).
+/// `cuda` without a usable GPU is an error naming the reason.
+pub fn select(choice: DeviceChoice) -> Result<(Backend, Option<String>)> {
+    if choice == DeviceChoice::Cpu {
+        return Ok((Backend::Cpu, None));
+    }
+    match probe() {
+        Ok(g) => {
+            let line = format!("ftconv: using CUDA: {}", g.describe());
+            Ok((Backend::Cuda(g), Some(line)))
+        }
+        Err(why) => {
+            if choice == DeviceChoice::Cuda {
+                anyhow::bail!("--device cuda: no usable GPU ({why})");
+            }
+            let line = format!(
+                "ftconv: CUDA unavailable ({why}); using CPU ({} threads)",
+                rayon::current_num_threads()
+            );
+            Ok((Backend::Cpu, Some(line)))
+        }
+    }
+}
+
+/// Probe the GPU once per process (later calls return the first result).
+pub fn probe() -> std::result::Result<Arc<Gpu>, GpuUnavailable> {
+    use std::sync::OnceLock;
+    static GPU: OnceLock<std::result::Result<Arc<Gpu>, GpuUnavailable>> = OnceLock::new();
+    GPU.get_or_init(|| Gpu::probe().map(Arc::new)).clone()
+}
+
+/// The kernel modules: name and full CUDA source (the shared header prepended).
+pub const MODULES: [(&str, &str); 5] = [
+    (
+        "legacy",
+        concat!(
+            include_str!("kernels/common.cuh"),
+            include_str!("kernels/legacy.cu")
+        ),
+    ),
+    (
+        "kquants",
+        concat!(
+            include_str!("kernels/common.cuh"),
+            include_str!("kernels/kquants.cu")
+        ),
+    ),
+    (
+        "nf4",
+        concat!(
+            include_str!("kernels/common.cuh"),
+            include_str!("kernels/nf4.cu")
+        ),
+    ),
+    (
+        "convert",
+        concat!(
+            include_str!("kernels/common.cuh"),
+            include_str!("kernels/convert.cu")
+        ),
+    ),
+    (
+        "merge",
+        concat!(
+            include_str!("kernels/common.cuh"),
+            include_str!("kernels/convert.cu"),
+            include_str!("kernels/merge.cu")
+        ),
+    ),
+];
+
+/// The kernel entry points each module must define.
+pub const ENTRY_POINTS: [(&str, &[&str]); 5] = [
+    (
+        "legacy",
+        &[
+            "ft_quantize_q4_0",
+            "ft_quantize_q4_1",
+            "ft_quantize_q5_0",
+            "ft_quantize_q5_1",
+            "ft_quantize_q8_0",
+        ],
+    ),
+    (
+        "kquants",
+        &[
+            "ft_quantize_q2_k",
+            "ft_quantize_q3_k",
+            "ft_quantize_q4_k",
+            "ft_quantize_q5_k",
+            "ft_quantize_q6_k",
+        ],
+    ),
+    ("nf4", &["ft_quantize_4bit", "ft_double_quant"]),
+    ("convert", &["ft_widen", "ft_narrow"]),
+    (
+        "merge",
+        &["ft_lora_merge", "ft_dora_norms", "ft_dora_apply"],
+    ),
+];
+
+/// NVRTC options that make the kernels bit-exact: no contraction into FMA, IEEE division and
+/// square root, denormals kept, no fast math. `arch` is `compute_XY` (PTX) or `sm_XY` (CUBIN).
+pub fn nvrtc_options(arch: &str) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "--fmad=false".into(),
+        "--prec-div=true".into(),
+        "--prec-sqrt=true".into(),
+        "--ftz=false".into(),
+    ]
+}
+
+/// Which module and kernel quantize `ty` (None for F32, which is a copy).
+pub fn kernel_for(ty: GgmlType) -> Option<(&'static str, &'static str)> {
+    Some(match ty {
+        GgmlType::F32 => return None,
+        GgmlType::F16 | GgmlType::BF16 => ("convert", "ft_narrow"),
+        GgmlType::Q4_0 => ("legacy", "ft_quantize_q4_0"),
+        GgmlType::Q4_1 => ("legacy", "ft_quantize_q4_1"),
+        GgmlType::Q5_0 => ("legacy", "ft_quantize_q5_0"),
+        GgmlType::Q5_1 => ("legacy", "ft_quantize_q5_1"),
+        GgmlType::Q8_0 => ("legacy", "ft_quantize_q8_0"),
+        GgmlType::Q2_K => ("kquants", "ft_quantize_q2_k"),
+        GgmlType::Q3_K => ("kquants", "ft_quantize_q3_k"),
+        GgmlType::Q4_K => ("kquants", "ft_quantize_q4_k"),
+        GgmlType::Q5_K => ("kquants", "ft_quantize_q5_k"),
+        GgmlType::Q6_K => ("kquants", "ft_quantize_q6_k"),
+    })
+}
+
+/// Element dtype codes shared with the kernels (convert.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    F32 = 0,
+    F16 = 1,
+    BF16 = 2,
+}
+
+impl Dtype {
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+        }
+    }
+}
+
+/// Blockwise 4-bit parameters: the 15 ascending decision bounds and the map from bucket to
+/// code (identity for NF4), exactly as the CPU module defines them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FourBitTable {
+    pub bounds: [f32; 16],
+    pub order: [u32; 16],
+}
+
+impl FourBitTable {
+    /// Bounds = midpoints of the ascending `values` (f32 `(a + b) / 2`), order = identity.
+    /// `values` must be sorted ascending (NF4's table is).
+    pub fn sorted(values: &[f32; 16]) -> FourBitTable {
+        let mut bounds = [0f32; 16];
+        for k in 0..15 {
+            bounds[k] = (values[k] + values[k + 1]) / 2.0;
+        }
+        let mut order = [0u32; 16];
+        for (k, o) in order.iter_mut().enumerate() {
+            *o = k as u32;
+        }
+        FourBitTable { bounds, order }
+    }
+}
+
+/// How the 8-bit double quantization rounds to a code (see nf4.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DoubleQuantRounding {
+    /// bitsandbytes' native CPU kernel: snap to a 65536-step grid, then look the code up.
+    CpuLut = 0,
+    /// torch's bucketize on the f32 midpoints: true nearest, ties to the lower code.
+    Nearest = 1,
+}
+
+/// Weight layouts of the LoRA merge (see merge.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraLayout {
+    /// nn.Linear: W [out, in], A [r, in], B [out, r].
+    Linear = 0,
+    /// transformers Conv1D (fan_in_fan_out): W [in, out], A [r, in], B [out, r].
+    Conv1D = 1,
+    /// nn.Embedding: W [vocab, dim], A [r, vocab], B [dim, r]; the delta is cast to the
+    /// weight's dtype before the add.
+    Embedding = 2,
+}
