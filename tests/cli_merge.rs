@@ -256,7 +256,7 @@ fn merge_to_gguf_equals_merge_then_quantize() {
     std::fs::create_dir(d.path().join("m")).unwrap();
     let merged = d.path().join("m").join("tiny-llama");
     ok(&run(&["merge", s(&base), s(&ad), "-o", s(&merged)]));
-    for ty in ["bf16", "f16", "f32"] {
+    for ty in ["bf16", "f16", "f32", "q8_0", "q4_k_m"] {
         let two = d.path().join(format!("two-{ty}.gguf"));
         ok(&run(&["quantize", s(&merged), "--to", ty, "-o", s(&two)]));
         let one = d.path().join(format!("one-{ty}.gguf"));
