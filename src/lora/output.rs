@@ -149,6 +149,8 @@ pub fn sorted(v: Value) -> Value {
 /// (`dtype` in transformers 5, `torch_dtype` in 4.x; whichever the base has, `dtype` if none).
 pub fn merged_config(base: &BaseModel, ty: FloatType) -> Value {
     let mut c = base.config.clone();
+    // a 4-bit base is written dequantized
+    c.remove("quantization_config");
     let name = Value::String(ty.torch_name().into());
     let mut set = false;
     for k in ["dtype", "torch_dtype"] {
