@@ -439,6 +439,7 @@ fn bf16_round(v: f32) -> f32 {
 
 /// PEFT's merge, written out in the test: delta = (B·A) accumulated over the rank in order,
 /// times the scale, in the weight's layout (embedding: delta rounded to bf16 first).
+#[allow(clippy::too_many_arguments)]
 fn merge_expected(
     w: &[f32],
     a: &[f32],

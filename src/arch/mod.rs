@@ -33,20 +33,20 @@ pub fn map_tensor_name(hf: &str, n_layer: usize) -> Option<String> {
     };
     for (pat, out) in name_table() {
         if let Some((pre, post)) = pat.split_once("{N}") {
-            if let Some(rest) = base.strip_prefix(pre) {
-                if let Some(num) = rest.strip_suffix(post) {
-                    if !num.is_empty() && num.bytes().all(|c| c.is_ascii_digit()) {
-                        let n: usize = num.parse().ok()?;
-                        if n >= n_layer {
-                            return None;
-                        }
-                        let g = out.replace("{N}", num);
-                        return Some(match suffix {
-                            Some(s) => format!("{g}.{s}"),
-                            None => g,
-                        });
-                    }
+            if let Some(rest) = base.strip_prefix(pre)
+                && let Some(num) = rest.strip_suffix(post)
+                && !num.is_empty()
+                && num.bytes().all(|c| c.is_ascii_digit())
+            {
+                let n: usize = num.parse().ok()?;
+                if n >= n_layer {
+                    return None;
                 }
+                let g = out.replace("{N}", num);
+                return Some(match suffix {
+                    Some(s) => format!("{g}.{s}"),
+                    None => g,
+                });
             }
         } else if base == pat {
             return Some(match suffix {
@@ -204,16 +204,16 @@ fn check_shape(cfg: &ModelConfig, name: &str, t: &TensorRef) -> Result<()> {
         ("ffn_down", false) => Some(vec![h, f]),
         _ => None,
     };
-    if let Some(e) = expect {
-        if t.shape != e {
-            bail!(
-                "{}: tensor {:?} has shape {:?} but config.json implies {:?}",
-                t.file.display(),
-                t.name,
-                t.shape,
-                e
-            );
-        }
+    if let Some(e) = expect
+        && t.shape != e
+    {
+        bail!(
+            "{}: tensor {:?} has shape {:?} but config.json implies {:?}",
+            t.file.display(),
+            t.name,
+            t.shape,
+            e
+        );
     }
     Ok(())
 }
@@ -369,10 +369,10 @@ fn ftype_of_outtype(t: GgmlType) -> u32 {
 fn sampling_metadata(gc: &J, md: &mut Metadata) {
     let f = |k: &str| gc.get(k).and_then(J::as_f64);
     let i = |k: &str| gc.get(k).and_then(J::as_i64);
-    if let Some(s) = gc.get("sequence").and_then(J::as_str) {
-        if !s.is_empty() {
-            md.set("general.sampling.sequence", Value::Str(s.into()));
-        }
+    if let Some(s) = gc.get("sequence").and_then(J::as_str)
+        && !s.is_empty()
+    {
+        md.set("general.sampling.sequence", Value::Str(s.into()));
     }
     if let Some(v) = i("top_k") {
         md.set("general.sampling.top_k", Value::I32(v as i32));

@@ -59,14 +59,13 @@ pub fn add_tokenizer_metadata(ck: &HfCheckpoint, md: &mut Metadata) -> Result<()
     let dir = &ck.dir;
     let gguf_arch = ck.config.arch.gguf_arch.as_str();
     let tc = ck.read_json("tokenizer_config.json")?;
-    if gguf_arch == "llama" {
-        if let Some(b) = tc
+    if gguf_arch == "llama"
+        && let Some(b) = tc
             .as_ref()
             .and_then(|t| t.get("add_prefix_space"))
             .and_then(J::as_bool)
-        {
-            md.set("tokenizer.ggml.add_space_prefix", Value::Bool(b));
-        }
+    {
+        md.set("tokenizer.ggml.add_space_prefix", Value::Bool(b));
     }
     let tj_path = dir.join("tokenizer.json");
     if dir.join("tokenizer.model").is_file() {
@@ -140,13 +139,13 @@ fn gpt2_vocab(ck: &HfCheckpoint, md: &mut Metadata) -> Result<()> {
     let tok = load_tokenizer(&tj_path)?;
     let vocab = tok.get_vocab(true);
     let vocab_size = ck.config.vocab_size;
-    if let Some(max) = vocab.values().max() {
-        if *max as usize >= vocab_size {
-            bail!(
-                "{}: token id {max} is not below config.json vocab_size {vocab_size}",
-                tj_path.display()
-            );
-        }
+    if let Some(max) = vocab.values().max()
+        && *max as usize >= vocab_size
+    {
+        bail!(
+            "{}: token id {max} is not below config.json vocab_size {vocab_size}",
+            tj_path.display()
+        );
     }
     let hash = probe_hash(&tok)?;
     let pre = pre_name_for_hash(&hash).ok_or_else(|| {
@@ -182,19 +181,19 @@ fn gpt2_vocab(ck: &HfCheckpoint, md: &mut Metadata) -> Result<()> {
                 let mut token = t.clone();
                 if added.contains_key(&token) {
                     let info = decoder.get(&i);
-                    if let Some(info) = info {
-                        if !info.normalized {
-                            let enc = tok.encode(token.as_str(), false).map_err(|e| {
-                                anyhow!("{}: cannot encode {token:?}: {e}", tj_path.display())
-                            })?;
-                            let mut dec = tok.decode(enc.get_ids(), false).map_err(|e| {
-                                anyhow!("{}: cannot decode {token:?}: {e}", tj_path.display())
-                            })?;
-                            if cleanup {
-                                dec = clean_up_tokenization(&dec);
-                            }
-                            token = dec;
+                    if let Some(info) = info
+                        && !info.normalized
+                    {
+                        let enc = tok.encode(token.as_str(), false).map_err(|e| {
+                            anyhow!("{}: cannot encode {token:?}: {e}", tj_path.display())
+                        })?;
+                        let mut dec = tok.decode(enc.get_ids(), false).map_err(|e| {
+                            anyhow!("{}: cannot decode {token:?}: {e}", tj_path.display())
+                        })?;
+                        if cleanup {
+                            dec = clean_up_tokenization(&dec);
                         }
+                        token = dec;
                     }
                     let special = info.map(|x| x.special).unwrap_or(false);
                     if special || looks_special(&token) {
@@ -364,27 +363,27 @@ fn sentencepiece_vocab(ck: &HfCheckpoint, md: &mut Metadata) -> Result<()> {
             types[id] = USER_DEFINED;
         }
     }
-    if let Some(tc) = ck.read_json("tokenizer_config.json")? {
-        if let Some(J::Object(atd)) = tc.get("added_tokens_decoder") {
-            for (k, data) in atd {
-                let Ok(id) = k.parse::<usize>() else { continue };
-                if id >= vocab_size {
-                    continue;
-                }
-                let Some(content) = data.get("content").and_then(J::as_str) else {
-                    continue;
-                };
-                let special = data.get("special").and_then(J::as_bool).unwrap_or(false);
-                let mut token = content.to_string();
-                if special || looks_special(&token) {
-                    types[id] = CONTROL;
-                } else {
-                    token = token.replace('\u{2581}', " ");
-                    types[id] = USER_DEFINED;
-                }
-                scores[id] = -1000.0;
-                tokens[id] = token;
+    if let Some(tc) = ck.read_json("tokenizer_config.json")?
+        && let Some(J::Object(atd)) = tc.get("added_tokens_decoder")
+    {
+        for (k, data) in atd {
+            let Ok(id) = k.parse::<usize>() else { continue };
+            if id >= vocab_size {
+                continue;
             }
+            let Some(content) = data.get("content").and_then(J::as_str) else {
+                continue;
+            };
+            let special = data.get("special").and_then(J::as_bool).unwrap_or(false);
+            let mut token = content.to_string();
+            if special || looks_special(&token) {
+                types[id] = CONTROL;
+            } else {
+                token = token.replace('\u{2581}', " ");
+                types[id] = USER_DEFINED;
+            }
+            scores[id] = -1000.0;
+            tokens[id] = token;
         }
     }
     let n = tokens.len();
@@ -427,8 +426,8 @@ impl SpecialVocab {
                 .collect(),
             n_vocab,
         };
-        sv.from_tokenizer_json(dir, load_merges)?;
-        sv.from_config_json(dir)?;
+        sv.load_tokenizer_json(dir, load_merges)?;
+        sv.load_config_json(dir)?;
         if load_merges && sv.merges.is_empty() {
             sv.merges_txt(dir)?;
         }
@@ -452,10 +451,9 @@ impl SpecialVocab {
         if id < 0 {
             bail!("invalid value for special token type {typ}: {id}");
         }
-        if self.n_vocab.is_none_or(|n| (id as usize) < n) {
-            if !self.ids.iter().any(|(k, _)| k == typ) {
-                self.ids.push((typ.to_string(), id as u32));
-            }
+        if self.n_vocab.is_none_or(|n| (id as usize) < n) && !self.ids.iter().any(|(k, _)| k == typ)
+        {
+            self.ids.push((typ.to_string(), id as u32));
         }
         Ok(())
     }
@@ -483,45 +481,44 @@ impl SpecialVocab {
         }
     }
 
-    fn from_tokenizer_json(&mut self, dir: &Path, load_merges: bool) -> Result<()> {
+    fn load_tokenizer_json(&mut self, dir: &Path, load_merges: bool) -> Result<()> {
         let tokenizer = crate::checkpoint::read_json_opt(&dir.join("tokenizer.json"))?;
         let mut added_tokens: Vec<J> = vec![];
         if let Some(t) = &tokenizer {
-            if load_merges {
-                if let Some(J::Array(m)) = t.get("model").and_then(|m| m.get("merges")) {
-                    if let Some(first) = m.first() {
-                        if first.is_string() {
-                            self.merges = m
-                                .iter()
-                                .filter_map(|x| x.as_str().map(str::to_string))
-                                .collect();
-                        } else if first
-                            .as_array()
-                            .is_some_and(|p| p.len() == 2 && p[0].is_string())
-                        {
-                            let enc = |s: &str| {
-                                s.chars()
-                                    .map(|c| if c == ' ' { '\u{0120}' } else { c })
-                                    .collect::<String>()
-                            };
-                            self.merges = m
-                                .iter()
-                                .filter_map(|p| {
-                                    let p = p.as_array()?;
-                                    Some(format!(
-                                        "{} {}",
-                                        enc(p.first()?.as_str()?),
-                                        enc(p.get(1)?.as_str()?)
-                                    ))
-                                })
-                                .collect();
-                        } else {
-                            bail!(
-                                "{}: unknown tokenizer merges format",
-                                dir.join("tokenizer.json").display()
-                            );
-                        }
-                    }
+            if load_merges
+                && let Some(J::Array(m)) = t.get("model").and_then(|m| m.get("merges"))
+                && let Some(first) = m.first()
+            {
+                if first.is_string() {
+                    self.merges = m
+                        .iter()
+                        .filter_map(|x| x.as_str().map(str::to_string))
+                        .collect();
+                } else if first
+                    .as_array()
+                    .is_some_and(|p| p.len() == 2 && p[0].is_string())
+                {
+                    let enc = |s: &str| {
+                        s.chars()
+                            .map(|c| if c == ' ' { '\u{0120}' } else { c })
+                            .collect::<String>()
+                    };
+                    self.merges = m
+                        .iter()
+                        .filter_map(|p| {
+                            let p = p.as_array()?;
+                            Some(format!(
+                                "{} {}",
+                                enc(p.first()?.as_str()?),
+                                enc(p.get(1)?.as_str()?)
+                            ))
+                        })
+                        .collect();
+                } else {
+                    bail!(
+                        "{}: unknown tokenizer merges format",
+                        dir.join("tokenizer.json").display()
+                    );
                 }
             }
             if let Some(n) = t.get("normalizer").filter(|n| !n.is_null()) {
@@ -774,10 +771,10 @@ impl SpecialVocab {
         };
         let types = self.types.clone();
         for typ in &types {
-            if let Some(J::Bool(b)) = tc.get(&format!("add_{typ}_token")) {
-                if !self.add.iter().any(|(k, _)| k == typ) {
-                    self.add.push((typ.clone(), *b));
-                }
+            if let Some(J::Bool(b)) = tc.get(&format!("add_{typ}_token"))
+                && !self.add.iter().any(|(k, _)| k == typ)
+            {
+                self.add.push((typ.clone(), *b));
             }
             let content = match tc.get(&format!("{typ}_token")) {
                 Some(J::String(s)) => s.clone(),
@@ -797,7 +794,7 @@ impl SpecialVocab {
         Ok(())
     }
 
-    fn from_config_json(&mut self, dir: &Path) -> Result<()> {
+    fn load_config_json(&mut self, dir: &Path) -> Result<()> {
         let Some(cfg) = crate::checkpoint::read_json_opt(&dir.join("config.json"))? else {
             return Ok(());
         };
@@ -805,10 +802,10 @@ impl SpecialVocab {
         for typ in &types {
             let key = format!("{typ}_token_id");
             let mut id = cfg.get(&key).cloned();
-            if id.as_ref().is_none_or(J::is_null) {
-                if let Some(t) = cfg.get("text_config") {
-                    id = t.get(&key).cloned();
-                }
+            if id.as_ref().is_none_or(J::is_null)
+                && let Some(t) = cfg.get("text_config")
+            {
+                id = t.get(&key).cloned();
             }
             self.set_special(typ, id.as_ref())?;
         }

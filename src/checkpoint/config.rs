@@ -200,24 +200,23 @@ impl ModelConfig {
             .and_then(Value::as_object)
             .cloned()
             .unwrap_or_default();
-        if !params.contains_key("rope_theta") {
-            if let Some(t) = raw
+        if !params.contains_key("rope_theta")
+            && let Some(t) = raw
                 .get("rope_theta")
                 .filter(|v| !v.is_null())
                 .or_else(|| arch.defaults.get("rope_theta"))
-            {
-                params.insert("rope_theta".into(), t.clone());
-            }
+        {
+            params.insert("rope_theta".into(), t.clone());
         }
-        if !params.contains_key("rope_type") {
-            if let Some(t) = params.get("type").cloned() {
-                params.insert("rope_type".into(), t);
-            }
+        if !params.contains_key("rope_type")
+            && let Some(t) = params.get("type").cloned()
+        {
+            params.insert("rope_type".into(), t);
         }
-        if !params.contains_key("original_max_position_embeddings") {
-            if let Some(v) = raw.get("original_max_position_embeddings") {
-                params.insert("original_max_position_embeddings".into(), v.clone());
-            }
+        if !params.contains_key("original_max_position_embeddings")
+            && let Some(v) = raw.get("original_max_position_embeddings")
+        {
+            params.insert("original_max_position_embeddings".into(), v.clone());
         }
         let rope = Rope {
             theta: params.get("rope_theta").and_then(Value::as_f64),

@@ -26,7 +26,10 @@ pub struct HfCheckpoint {
 }
 
 /// Shard file names of a folder: the index's `weight_map` values, else `model*.safetensors`.
-pub fn shard_names(dir: &Path) -> Result<(Vec<String>, Option<HashMap<String, String>>)> {
+/// Shard file names, and the tensor → shard map of the index when there is one.
+pub type ShardList = (Vec<String>, Option<HashMap<String, String>>);
+
+pub fn shard_names(dir: &Path) -> Result<ShardList> {
     let index_path = dir.join("model.safetensors.index.json");
     if index_path.is_file() {
         let text = std::fs::read_to_string(&index_path)

@@ -18,11 +18,7 @@ pub struct ModelInfo {
 
 impl ModelInfo {
     fn n_gqa(&self) -> usize {
-        if self.n_head_kv == 0 {
-            0
-        } else {
-            self.n_head / self.n_head_kv
-        }
+        self.n_head.checked_div(self.n_head_kv).unwrap_or(0)
     }
 
     fn is_70b(&self) -> bool {
@@ -210,7 +206,7 @@ fn mixture(
     };
     if cat == Category::Output || (has_tied && cat == Category::TokenEmbd) {
         let nx = t.ne[0] as usize;
-        if nx % ty.block_size() != 0 {
+        if !nx.is_multiple_of(ty.block_size()) {
             ty = G::Q8_0;
         } else if ty != G::Q8_0 {
             ty = G::Q6_K;
@@ -252,10 +248,8 @@ fn mixture(
             Ftype::Q2_K => ty = G::Q3_K,
             Ftype::Q3_K_M => ty = if i < n / 16 { G::Q5_K } else { G::Q4_K },
             Ftype::Q3_K_L => ty = G::Q5_K,
-            Ftype::Q4_K_M => {
-                if use_more_bits(i, n) {
-                    ty = G::Q6_K;
-                }
+            Ftype::Q4_K_M if use_more_bits(i, n) => {
+                ty = G::Q6_K;
             }
             Ftype::Q5_K_M if use_more_bits(i, n) => ty = G::Q6_K,
             Ftype::Q4_K_S if i < n / 8 => ty = G::Q5_K,
@@ -286,7 +280,7 @@ fn mixture(
 /// 32-element blocks, and to F16 if even that does not fit.
 pub fn fallback(ty: GgmlType, ncols: u64) -> GgmlType {
     use GgmlType as G;
-    if ncols % ty.block_size() as u64 == 0 {
+    if ncols.is_multiple_of(ty.block_size() as u64) {
         return ty;
     }
     let t = match ty {
@@ -296,7 +290,7 @@ pub fn fallback(ty: GgmlType, ncols: u64) -> GgmlType {
         G::Q6_K => G::Q8_0,
         other => other,
     };
-    if ncols % t.block_size() as u64 != 0 {
+    if !ncols.is_multiple_of(t.block_size() as u64) {
         G::F16
     } else {
         t

@@ -73,7 +73,7 @@ pub fn list(dir: &Path) -> Vec<String> {
 /// A safetensors file from raw header JSON and data bytes.
 pub fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
     let mut h = header.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
