@@ -290,10 +290,100 @@ fn host_kernels_reproduce_llama_cpp_golden_bytes() {
     assert_eq!(checked, QUANT_CASES.len() * 12);
 }
 
+/// Random rows with the awkward blocks mixed in: all-zero, constant, tiny (~1e-7), an outlier,
+/// one sign only, exact 4-bit decision thresholds.
+fn awkward(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut x = gaussian(rows * cols, 0.02, seed);
+    for (r, row) in x.chunks_mut(cols).enumerate() {
+        match r % 7 {
+            1 => row[..cols.min(256)].iter_mut().for_each(|v| *v = 0.0),
+            2 => row[..cols.min(64)].iter_mut().for_each(|v| *v = 0.25),
+            3 => row.iter_mut().for_each(|v| *v *= 1e-5),
+            4 => row[5 % cols] = 300.0,
+            5 => row.iter_mut().for_each(|v| *v = v.abs()),
+            6 => {
+                let t = quant::nf4::QuantType::Nf4.table();
+                for (k, v) in row.iter_mut().enumerate() {
+                    // the first value sets absmax 1.0; then midpoints of neighbours (ties)
+                    *v = if k % 64 == 0 {
+                        1.0
+                    } else {
+                        let i = k % 15;
+                        (t[i] + t[i + 1]) / 2.0
+                    };
+                }
+            }
+            _ => {}
+        }
+    }
+    x
+}
+
+#[test]
+fn host_kernels_equal_the_cpu_quantizers_on_random_tensors() {
+    let Some(h) = harness() else { return };
+    for (rows, cols, seed) in [(14usize, 256usize, 1u64), (9, 768, 2), (3, 4096, 3)] {
+        let x = awkward(rows, cols, seed);
+        for ty in gpu_types() {
+            let mut cpu = vec![0u8; x.len() / ty.block_size() * ty.type_size()];
+            quant::quantize(ty, &x, &mut cpu);
+            let got = host_quantize(h, ty, &x);
+            assert!(
+                got == cpu,
+                "{ty} {rows}x{cols}: kernel bytes differ from the CPU quantizer (first differing block {:?})",
+                first_diff(&got, &cpu, ty.type_size())
+            );
+        }
+    }
+}
+
+#[test]
+fn host_4bit_kernels_equal_the_cpu_nf4_module() {
+    use quant::nf4::{self, QuantType};
+    let Some(h) = harness() else { return };
+    for qt in [QuantType::Nf4, QuantType::Fp4] {
+        let table = FourBitTable::for_type(qt);
+        for (k, n) in [15usize, 64, 1000, 1001, 64 * 300 + 32, 7 * 4096]
+            .into_iter()
+            .enumerate()
+        {
+            let x = awkward(1, n, 40 + k as u64);
+            let (cp, ca) = nf4::quantize_4bit(qt, &x);
+            let (hp, ha) = host_4bit(h, &x, nf4::BLOCKSIZE, &table);
+            assert!(hp == cp, "{} n={n}: packed codes differ", qt.name());
+            assert_eq!(
+                ha.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                ca.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{} n={n}: absmax",
+                qt.name()
+            );
+            let nested = nf4::double_quant(&ca);
+            let (q, na) = host_dq(
+                h,
+                &ca,
+                nested.offset,
+                nf4::dynamic_map(),
+                DoubleQuantRounding::CpuLut,
+            );
+            assert_eq!(q, nested.codes, "{} n={n}: absmax codes", qt.name());
+            assert_eq!(
+                na.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                nested
+                    .nested_absmax
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
+                "{} n={n}: nested absmax",
+                qt.name()
+            );
+        }
+    }
+}
+
 fn nf4_table(st: &SafeTensors) -> FourBitTable {
     let map = f32s(st.tensor("quant_map").unwrap().data());
     let values: [f32; 16] = map.try_into().unwrap();
-    FourBitTable::sorted(&values)
+    FourBitTable::from_values(&values)
 }
 
 #[test]
@@ -581,7 +671,7 @@ fn device_auto_without_gpu_says_why_in_one_line_and_writes_the_cpu_bytes() {
     }
     let d = tempfile::tempdir().unwrap();
     let src = fixture("tiny-llama");
-    for ty in ["f16", "bf16"] {
+    for ty in ["f16", "bf16", "q8_0", "q4_k_m"] {
         let mut outs = Vec::new();
         for dev in ["auto", "cpu"] {
             let out = d.path().join(format!("{ty}-{dev}.gguf"));
@@ -757,24 +847,40 @@ fn gpu_4bit_equals_bitsandbytes_and_host_bytes() {
             .unwrap();
         assert_eq!(q, st.tensor("absmax_q").unwrap().data(), "{case}: absmax_q");
     }
-    // random tensors, including a partial last block and an odd count, against the host build
-    let Some(h) = harness() else { return };
-    let bytes = golden("nf4/nf4_tiny_4x64_dq0.safetensors");
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let table = nf4_table(&st);
-    for (k, n) in [64usize, 1000, 1001, 4096 * 11, (16 << 20) + 77]
-        .into_iter()
-        .enumerate()
-    {
-        let x = gaussian(n, 0.05, 200 + k as u64);
-        let dev = g.quantize_4bit(&x, 64, &table).unwrap();
-        let host = host_4bit(h, &x, 64, &table);
-        assert!(dev.0 == host.0, "{n} values: packed differ");
-        assert_eq!(
-            dev.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            host.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            "{n} values: absmax differ"
-        );
+    // random tensors, including a partial last block and an odd count, against the CPU module
+    use quant::nf4::{self, QuantType};
+    for qt in [QuantType::Nf4, QuantType::Fp4] {
+        let table = FourBitTable::for_type(qt);
+        for (k, n) in [64usize, 1000, 1001, 4096 * 11, (16 << 20) + 77]
+            .into_iter()
+            .enumerate()
+        {
+            let x = awkward(1, n, 200 + k as u64);
+            let dev = g.quantize_4bit(&x, nf4::BLOCKSIZE, &table).unwrap();
+            let cpu = nf4::quantize_4bit(qt, &x);
+            assert!(dev.0 == cpu.0, "{} {n} values: packed differ", qt.name());
+            assert_eq!(
+                dev.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                cpu.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{} {n} values: absmax differ",
+                qt.name()
+            );
+            let nested = nf4::double_quant(&cpu.1);
+            let (q, na) = g
+                .double_quant(
+                    &cpu.1,
+                    nested.offset,
+                    nf4::dynamic_map(),
+                    DoubleQuantRounding::CpuLut,
+                )
+                .unwrap();
+            assert_eq!(q, nested.codes, "{} {n}: absmax codes", qt.name());
+            assert!(
+                na.iter()
+                    .zip(&nested.nested_absmax)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+        }
     }
 }
 
