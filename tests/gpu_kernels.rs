@@ -752,6 +752,21 @@ fn device_flag_rejects_unknown_values() {
         "tpu",
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    // NF4/FP4 are written on the CPU: asking for the GPU is a usage error, not a silent CPU run
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("nf4");
+    let o = run(&[
+        "quantize",
+        fixture("tiny-llama").to_str().unwrap(),
+        "--to",
+        "nf4",
+        "-o",
+        out.to_str().unwrap(),
+        "--device",
+        "cuda",
+    ]);
+    assert_fails(&o, 2, "--device cuda: --to NF4 runs on the CPU");
+    assert!(list(d.path()).is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------

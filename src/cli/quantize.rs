@@ -90,6 +90,13 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     set_threads(a.threads)?;
     let ftype = match a.to {
         Target::Gguf(f) => f,
+        Target::Nf4 | Target::Fp4 if a.device == DeviceChoice::Cuda => {
+            // the kernels exist (gpu::Gpu::quantize_4bit) but the NF4 writer runs on the CPU
+            return Err(usage(format!(
+                "--device cuda: --to {} runs on the CPU in this version (use --device auto or cpu)",
+                a.to.name()
+            )));
+        }
         Target::Nf4 | Target::Fp4 => return run_bnb4(a, quiet),
     };
     if a.no_double_quant || !a.skip.is_empty() {
