@@ -947,3 +947,82 @@ fn gpu_widen_and_merge_equal_the_host_build() {
         assert_eq!(out.len(), rows * cols * 2);
     }
 }
+
+/// Throughput on a GPU (run explicitly: `cargo test --release --test gpu_kernels -- --ignored
+/// --nocapture`): one 7B-shaped llama layer (q/k/v/o 4096x4096, gate/up/down 4096x11008,
+/// 202 M values) quantized by the GPU and by the CPU (all threads), bytes compared, seconds and
+/// GB/s of bf16 input printed.
+#[test]
+#[ignore]
+fn gpu_throughput_report() {
+    use rayon::prelude::*;
+    let Some(g) = gpu_or_skip() else { return };
+    eprintln!("{}", g.describe());
+    let shapes = [
+        (4096usize, 4096usize),
+        (4096, 4096),
+        (4096, 4096),
+        (4096, 4096),
+        (11008, 4096),
+        (11008, 4096),
+        (4096, 11008),
+    ];
+    let tensors: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(k, (r, c))| {
+            gaussian(r * c, 0.02, 500 + k as u64)
+                .into_iter()
+                .map(bf16_round)
+                .collect()
+        })
+        .collect();
+    let values: usize = tensors.iter().map(|t| t.len()).sum();
+    for ty in [
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::Q5_K,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+    ] {
+        let outs: Vec<usize> = tensors
+            .iter()
+            .map(|t| t.len() / ty.block_size() * ty.type_size())
+            .collect();
+        // warm-up (module compilation)
+        let mut tmp = vec![0u8; outs[0]];
+        g.quantize(ty, &tensors[0], &mut tmp).unwrap();
+        let t0 = std::time::Instant::now();
+        let mut gpu_out: Vec<Vec<u8>> = Vec::new();
+        for (t, n) in tensors.iter().zip(&outs) {
+            let mut y = vec![0u8; *n];
+            g.quantize(ty, t, &mut y).unwrap();
+            gpu_out.push(y);
+        }
+        let gs = t0.elapsed().as_secs_f64();
+        let t1 = std::time::Instant::now();
+        let cpu_out: Vec<Vec<u8>> = tensors
+            .iter()
+            .zip(&outs)
+            .map(|(t, n)| {
+                let mut y = vec![0u8; *n];
+                let bs = 256 * 64;
+                let ob = bs / ty.block_size() * ty.type_size();
+                t.par_chunks(bs)
+                    .zip(y.par_chunks_mut(ob))
+                    .for_each(|(x, o)| quant::quantize(ty, x, o));
+                y
+            })
+            .collect();
+        let cs = t1.elapsed().as_secs_f64();
+        assert!(gpu_out == cpu_out, "{ty}: GPU bytes differ from the CPU's");
+        let gb = values as f64 * 2.0 / 1e9;
+        eprintln!(
+            "{ty}: {values} values; GPU {gs:.3} s ({:.1} GB/s of bf16), CPU {} threads {cs:.3} s ({:.2} GB/s); GPU/CPU speed-up {:.1}x; bytes identical",
+            gb / gs,
+            rayon::current_num_threads(),
+            gb / cs,
+            cs / gs
+        );
+    }
+}
