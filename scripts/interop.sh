@@ -114,16 +114,16 @@ section_quantize() {
   done
 }
 
-# ---------------------------------------------------------------- later sections (placeholders)
-# TODO(merge): ftconv merge BASE ADAPTER vs PEFT merge_and_unload (bf16 and f32 bases, several adapters, IA3).
-section_merge() { echo "== merge"; skip "merge: not implemented"; }
-# TODO(nf4): ftconv --to nf4 vs bitsandbytes' quantize_4bit (CPU path), nested offset reported separately.
-section_nf4() { echo "== nf4"; skip "nf4: not implemented"; }
-# TODO(ollama): Modelfile grammar + TEMPLATE rendered by a Go text/template renderer == HF chat template.
-section_ollama() { echo "== ollama"; skip "ollama: not implemented"; }
-# TODO(adapter): ftconv LoRA adapter -> GGUF vs convert_lora_to_gguf.py ($CONVERT_LORA).
-section_adapter() { echo "== adapter"; skip "adapter: not implemented"; }
-# TODO(finetune): logits / loss / LoRA gradients vs PEFT on an f32 base, within 1e-4 relative per tensor.
+# ---------------------------------------------------------------- the other sections
+# shellcheck source=interop/merge.sh
+source "$INTEROP/merge.sh"
+# shellcheck source=interop/nf4.sh
+source "$INTEROP/nf4.sh"
+# shellcheck source=interop/ollama.sh
+source "$INTEROP/ollama.sh"
+# shellcheck source=interop/adapter.sh
+source "$INTEROP/adapter.sh"
+# finetune (issue 6) is not built yet: logits / loss / LoRA gradients vs PEFT will go here.
 section_finetune() { echo "== finetune"; skip "finetune: not implemented"; }
 
 ALL_SECTIONS="quantize merge nf4 ollama adapter finetune"

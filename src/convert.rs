@@ -112,13 +112,22 @@ pub fn hf_pending(ck: &HfCheckpoint, hook: Option<RowHook>) -> Result<(Vec<Pendi
                     t.name
                 );
                 let hf_name = t.name.clone();
+                // a hook (LoRA merge) sees the checkpoint's rows in their own order; the Q/K
+                // permutation then applies to its result
                 let mut src: Box<dyn RowSource> = Box::new(SafetensorsRows {
                     tensor: t,
-                    permute_heads: c.permute_heads,
+                    permute_heads: if hook.is_some() {
+                        None
+                    } else {
+                        c.permute_heads
+                    },
                     rounding: Rounding::None,
                 });
                 if let Some(hook) = hook {
                     src = hook(&hf_name, src)?;
+                    if let Some(heads) = c.permute_heads {
+                        src = Box::new(Permuted { inner: src, heads });
+                    }
                 }
                 // rounding through the storage type happens after any merge
                 let src: Box<dyn RowSource> =
@@ -152,6 +161,41 @@ pub fn hf_pending(ck: &HfCheckpoint, hook: Option<RowHook>) -> Result<(Vec<Pendi
         });
     }
     Ok((pending, outtype))
+}
+
+/// Another source's rows in llama's Q/K order (as `SafetensorsRows::permute_heads`).
+pub struct Permuted {
+    pub inner: Box<dyn RowSource>,
+    pub heads: usize,
+}
+
+impl RowSource for Permuted {
+    fn rows(&self) -> usize {
+        self.inner.rows()
+    }
+    fn cols(&self) -> usize {
+        self.inner.cols()
+    }
+    fn read_rows(&self, row0: usize, out: &mut [f32]) -> Result<()> {
+        let (rows, cols) = (self.inner.rows(), self.inner.cols());
+        if rows == 1 {
+            // a bias: permute single elements
+            let mut all = vec![0f32; cols];
+            self.inner.read_rows(0, &mut all)?;
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = all[arch::permuted_source_row(i, cols, self.heads)];
+            }
+        } else {
+            for (k, chunk) in out.chunks_exact_mut(cols).enumerate() {
+                let src = arch::permuted_source_row(row0 + k, rows, self.heads);
+                self.inner.read_rows(src, chunk)?;
+            }
+        }
+        Ok(())
+    }
+    fn release(&self) {
+        self.inner.release()
+    }
 }
 
 /// Rounds another source's rows through F16/BF16.

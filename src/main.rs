@@ -9,6 +9,9 @@ fn main() -> ExitCode {
         Command::Inspect(a) => cli::inspect::run(a, quiet),
         Command::Quantize(a) => cli::quantize::run(a, quiet),
         Command::Adapter(a) => cli::adapter::run(a, quiet),
+        Command::Ollama(a) => cli::ollama::run(a, quiet),
+        Command::Merge(a) => cli::merge::run(a, quiet),
+        Command::Package(a) => cli::package::run(a, quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

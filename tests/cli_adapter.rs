@@ -16,11 +16,17 @@ const VOCAB: usize = 512;
 fn write_adapter(dir: &Path, config: serde_json::Value, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
-    std::fs::write(dir.join("adapter_model.safetensors"), f32_safetensors(tensors)).unwrap();
+    std::fs::write(
+        dir.join("adapter_model.safetensors"),
+        f32_safetensors(tensors),
+    )
+    .unwrap();
 }
 
 fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// torch: w.reshape(n_head, 2, rows/n_head/2, cols).swapaxes(1, 2).reshape(rows, cols)
@@ -32,7 +38,8 @@ fn permute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> 
         for i in 0..half {
             for two in 0..2 {
                 let r_src = h * 2 * half + two * half + i;
-                out[r_out * cols..(r_out + 1) * cols].copy_from_slice(&w[r_src * cols..(r_src + 1) * cols]);
+                out[r_out * cols..(r_out + 1) * cols]
+                    .copy_from_slice(&w[r_src * cols..(r_src + 1) * cols]);
                 r_out += 1;
             }
         }
@@ -56,19 +63,53 @@ fn tensors(r: usize) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let p = "base_model.model.model.";
     let kv = KV_HEADS * HEAD_DIM;
     vec![
-        (format!("{p}embed_tokens.lora_embedding_A"), vec![r, VOCAB], gaussian(r * VOCAB, 0.1, 1)),
-        (format!("{p}embed_tokens.lora_embedding_B"), vec![H, r], gaussian(H * r, 0.1, 2)),
-        (format!("{p}layers.0.self_attn.k_proj.lora_A.weight"), vec![r, H], gaussian(r * H, 0.1, 3)),
-        (format!("{p}layers.0.self_attn.k_proj.lora_B.weight"), vec![kv, r], gaussian(kv * r, 0.1, 4)),
-        (format!("{p}layers.0.self_attn.q_proj.lora_A.weight"), vec![r, H], gaussian(r * H, 0.1, 5)),
-        (format!("{p}layers.0.self_attn.q_proj.lora_B.weight"), vec![H, r], gaussian(H * r, 0.1, 6)),
-        (format!("{p}layers.1.self_attn.v_proj.lora_A.weight"), vec![r, H], gaussian(r * H, 0.1, 7)),
-        (format!("{p}layers.1.self_attn.v_proj.lora_B.weight"), vec![kv, r], gaussian(kv * r, 0.1, 8)),
+        (
+            format!("{p}embed_tokens.lora_embedding_A"),
+            vec![r, VOCAB],
+            gaussian(r * VOCAB, 0.1, 1),
+        ),
+        (
+            format!("{p}embed_tokens.lora_embedding_B"),
+            vec![H, r],
+            gaussian(H * r, 0.1, 2),
+        ),
+        (
+            format!("{p}layers.0.self_attn.k_proj.lora_A.weight"),
+            vec![r, H],
+            gaussian(r * H, 0.1, 3),
+        ),
+        (
+            format!("{p}layers.0.self_attn.k_proj.lora_B.weight"),
+            vec![kv, r],
+            gaussian(kv * r, 0.1, 4),
+        ),
+        (
+            format!("{p}layers.0.self_attn.q_proj.lora_A.weight"),
+            vec![r, H],
+            gaussian(r * H, 0.1, 5),
+        ),
+        (
+            format!("{p}layers.0.self_attn.q_proj.lora_B.weight"),
+            vec![H, r],
+            gaussian(H * r, 0.1, 6),
+        ),
+        (
+            format!("{p}layers.1.self_attn.v_proj.lora_A.weight"),
+            vec![r, H],
+            gaussian(r * H, 0.1, 7),
+        ),
+        (
+            format!("{p}layers.1.self_attn.v_proj.lora_B.weight"),
+            vec![kv, r],
+            gaussian(kv * r, 0.1, 8),
+        ),
     ]
 }
 
 fn as_refs(t: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<(&str, Vec<usize>, Vec<f32>)> {
-    t.iter().map(|(n, s, v)| (n.as_str(), s.clone(), v.clone())).collect()
+    t.iter()
+        .map(|(n, s, v)| (n.as_str(), s.clone(), v.clone()))
+        .collect()
 }
 
 fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -113,7 +154,10 @@ fn plain_lora_layout_and_values() {
     );
     assert_eq!(g.metadata.get_str("general.type"), Some("adapter"));
     assert_eq!(g.metadata.get_str("adapter.type"), Some("lora"));
-    assert_eq!(g.metadata.get("adapter.lora.alpha").unwrap().as_f64(), Some(16.0));
+    assert_eq!(
+        g.metadata.get("adapter.lora.alpha").unwrap().as_f64(),
+        Some(16.0)
+    );
     let names: Vec<&str> = g.tensors.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(
         names,
@@ -135,14 +179,38 @@ fn plain_lora_layout_and_values() {
     };
     let kv = KV_HEADS * HEAD_DIM;
     // embeddings: a = A^T (ne [r, vocab]), b = B (ne [r, hidden])
-    assert_eq!(get("token_embd.weight.lora_a"), (vec![r as u64, VOCAB as u64], transpose(&ts[0].2, r, VOCAB)));
-    assert_eq!(get("token_embd.weight.lora_b"), (vec![r as u64, H as u64], ts[1].2.clone()));
+    assert_eq!(
+        get("token_embd.weight.lora_a"),
+        (vec![r as u64, VOCAB as u64], transpose(&ts[0].2, r, VOCAB))
+    );
+    assert_eq!(
+        get("token_embd.weight.lora_b"),
+        (vec![r as u64, H as u64], ts[1].2.clone())
+    );
     // k: A as is, B rows permuted with the kv head count
-    assert_eq!(get("blk.0.attn_k.weight.lora_a"), (vec![H as u64, r as u64], ts[2].2.clone()));
-    assert_eq!(get("blk.0.attn_k.weight.lora_b"), (vec![r as u64, kv as u64], permute_rows(&ts[3].2, kv, r, KV_HEADS)));
-    assert_eq!(get("blk.0.attn_q.weight.lora_b"), (vec![r as u64, H as u64], permute_rows(&ts[5].2, H, r, HEADS)));
+    assert_eq!(
+        get("blk.0.attn_k.weight.lora_a"),
+        (vec![H as u64, r as u64], ts[2].2.clone())
+    );
+    assert_eq!(
+        get("blk.0.attn_k.weight.lora_b"),
+        (
+            vec![r as u64, kv as u64],
+            permute_rows(&ts[3].2, kv, r, KV_HEADS)
+        )
+    );
+    assert_eq!(
+        get("blk.0.attn_q.weight.lora_b"),
+        (
+            vec![r as u64, H as u64],
+            permute_rows(&ts[5].2, H, r, HEADS)
+        )
+    );
     // v: untouched
-    assert_eq!(get("blk.1.attn_v.weight.lora_b"), (vec![r as u64, kv as u64], ts[7].2.clone()));
+    assert_eq!(
+        get("blk.1.attn_v.weight.lora_b"),
+        (vec![r as u64, kv as u64], ts[7].2.clone())
+    );
 }
 
 #[test]
@@ -151,16 +219,30 @@ fn rslora_scale_is_folded_into_b() {
     let ad = tmp.path().join("rs");
     let r = 8;
     let ts = tensors(r);
-    write_adapter(&ad, config(serde_json::json!({"use_rslora": true, "alpha_pattern": {"v_proj": 4}})), &as_refs(&ts));
+    write_adapter(
+        &ad,
+        config(serde_json::json!({"use_rslora": true, "alpha_pattern": {"v_proj": 4}})),
+        &as_refs(&ts),
+    );
     let out = tmp.path().join("a.gguf");
-    let o = run(&["adapter", ad.to_str().unwrap(), "--base", fixture("tiny-llama").to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    let o = run(&[
+        "adapter",
+        ad.to_str().unwrap(),
+        "--base",
+        fixture("tiny-llama").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let g = GgufFile::open(&out).unwrap();
     let b = |n: &str| f32s(g.tensor_data(g.tensor(n).unwrap()));
     // llama.cpp applies alpha/r = 2; PEFT applies alpha/sqrt(r) (q) and 4/sqrt(r) (v, alpha_pattern)
     let fq = ((16.0 / (r as f64).sqrt()) / 2.0) as f32;
     let fv = ((4.0 / (r as f64).sqrt()) / 2.0) as f32;
-    let want_q: Vec<f32> = permute_rows(&ts[5].2, H, r, HEADS).iter().map(|x| x * fq).collect();
+    let want_q: Vec<f32> = permute_rows(&ts[5].2, H, r, HEADS)
+        .iter()
+        .map(|x| x * fq)
+        .collect();
     let want_v: Vec<f32> = ts[7].2.iter().map(|x| x * fv).collect();
     assert_eq!(b("blk.0.attn_q.weight.lora_b"), want_q);
     assert_eq!(b("blk.1.attn_v.weight.lora_b"), want_v);
@@ -174,12 +256,29 @@ fn f16_and_q8_0_storage() {
     write_adapter(&ad, config(serde_json::json!({})), &as_refs(&tensors(r)));
     for (to, a_type, b_type) in [("f16", 1u32, 1u32), ("q8_0", 8, 1), ("bf16", 30, 30)] {
         let out = tmp.path().join(format!("{to}.gguf"));
-        let o = run(&["adapter", ad.to_str().unwrap(), "--base", fixture("tiny-llama").to_str().unwrap(), "--to", to, "-o", out.to_str().unwrap()]);
+        let o = run(&[
+            "adapter",
+            ad.to_str().unwrap(),
+            "--base",
+            fixture("tiny-llama").to_str().unwrap(),
+            "--to",
+            to,
+            "-o",
+            out.to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "{}", stderr(&o));
         let g = GgufFile::open(&out).unwrap();
         // lora_a rows are 256 long (Q8_0 fits); lora_b rows are r = 8 long (Q8_0 falls back to F16)
-        assert_eq!(g.tensor("blk.0.attn_q.weight.lora_a").unwrap().type_id, a_type, "{to}");
-        assert_eq!(g.tensor("blk.0.attn_q.weight.lora_b").unwrap().type_id, b_type, "{to}");
+        assert_eq!(
+            g.tensor("blk.0.attn_q.weight.lora_a").unwrap().type_id,
+            a_type,
+            "{to}"
+        );
+        assert_eq!(
+            g.tensor("blk.0.attn_q.weight.lora_b").unwrap().type_id,
+            b_type,
+            "{to}"
+        );
     }
 }
 
@@ -190,18 +289,48 @@ fn refuses_dora_and_full_weights() {
     let r = 8;
     let ad = tmp.path().join("dora");
     let mut ts = tensors(r);
-    ts.push(("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.weight".into(), vec![H], vec![1.0; H]));
-    write_adapter(&ad, config(serde_json::json!({"use_dora": true})), &as_refs(&ts));
+    ts.push((
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.weight".into(),
+        vec![H],
+        vec![1.0; H],
+    ));
+    write_adapter(
+        &ad,
+        config(serde_json::json!({"use_dora": true})),
+        &as_refs(&ts),
+    );
     let out = tmp.path().join("x.gguf");
-    let o = run(&["adapter", ad.to_str().unwrap(), "--base", base.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    let o = run(&[
+        "adapter",
+        ad.to_str().unwrap(),
+        "--base",
+        base.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert_fails(&o, 1, "DoRA");
     assert!(!out.exists());
 
     let ad2 = tmp.path().join("mts");
     let mut ts = tensors(r);
-    ts.push(("base_model.model.lm_head.modules_to_save.default.weight".into(), vec![VOCAB, H], vec![0.0; VOCAB * H]));
-    write_adapter(&ad2, config(serde_json::json!({"modules_to_save": ["lm_head"]})), &as_refs(&ts));
-    let o = run(&["adapter", ad2.to_str().unwrap(), "--base", base.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    ts.push((
+        "base_model.model.lm_head.modules_to_save.default.weight".into(),
+        vec![VOCAB, H],
+        vec![0.0; VOCAB * H],
+    ));
+    write_adapter(
+        &ad2,
+        config(serde_json::json!({"modules_to_save": ["lm_head"]})),
+        &as_refs(&ts),
+    );
+    let o = run(&[
+        "adapter",
+        ad2.to_str().unwrap(),
+        "--base",
+        base.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("ftconv merge"), "{}", stderr(&o));
     assert!(!out.exists());

@@ -306,6 +306,12 @@ fn sharded_output_with_index() {
     assert_eq!(wm.len(), got.len());
     let total: usize = got.values().map(|t| t.2.len()).sum();
     assert_eq!(index["metadata"]["total_size"], total);
+    // num_parameters() of the 4-bit model: every source element once (packed: two a byte)
+    let params: usize = load_dir(&fixture("tiny-llama"))
+        .values()
+        .map(|t| t.1.iter().product::<usize>())
+        .sum();
+    assert_eq!(index["metadata"]["total_parameters"], params);
     let files: std::collections::BTreeSet<&str> =
         wm.values().map(|v| v.as_str().unwrap()).collect();
     assert!(files.len() > 1);
@@ -513,4 +519,30 @@ fn nf4_usage_errors_leave_nothing() {
     ]);
     assert_fails(&o, 1, "not a valid regular expression");
     assert_eq!(list(tmp.path()), vec!["x.safetensors".to_string()]);
+}
+
+/// Tied embeddings: transformers skips both tied modules and does not save lm_head.
+#[test]
+fn tied_embeddings_keep_lm_head_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("tied");
+    copy_dir(&fixture("tiny-llama"), &src);
+    let cfg_path = src.join("config.json");
+    let mut cfg = config(&src);
+    cfg["tie_word_embeddings"] = true.into();
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let out = tmp.path().join("out");
+    let o = run(&[
+        "quantize",
+        src.to_str().unwrap(),
+        "--to",
+        "nf4",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = load_dir(&out);
+    assert!(!got.keys().any(|k| k.starts_with("lm_head")));
+    assert_eq!(got["model.embed_tokens.weight"].0, Dtype::BF16);
+    assert_eq!(config(&out)["tie_word_embeddings"], true);
 }

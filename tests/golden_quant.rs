@@ -9,13 +9,16 @@ use std::path::PathBuf;
 const CASES: &[&str] = &["gauss", "heavy", "uniform", "wide", "edge"];
 
 fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn check(ty: GgmlType, key: &str) {
     let mut checked = 0;
     for case in CASES {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/golden/quant/{case}.safetensors"));
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("fixtures/golden/quant/{case}.safetensors"));
         let bytes = std::fs::read(&path).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let input = st.tensor("input").unwrap();
@@ -23,13 +26,20 @@ fn check(ty: GgmlType, key: &str) {
         let x = f32s(input.data());
         let want = st.tensor(key).unwrap();
         let row_bytes = want.shape()[1];
-        assert_eq!(row_bytes, cols / ty.block_size() * ty.type_size(), "{case} {key} row size");
+        assert_eq!(
+            row_bytes,
+            cols / ty.block_size() * ty.type_size(),
+            "{case} {key} row size"
+        );
         for r in 0..rows {
             let mut got = vec![0u8; row_bytes];
             quant::quantize(ty, &x[r * cols..(r + 1) * cols], &mut got);
             let exp = &want.data()[r * row_bytes..(r + 1) * row_bytes];
             if got != exp {
-                let blk = got.chunks(ty.type_size()).zip(exp.chunks(ty.type_size())).position(|(a, b)| a != b);
+                let blk = got
+                    .chunks(ty.type_size())
+                    .zip(exp.chunks(ty.type_size()))
+                    .position(|(a, b)| a != b);
                 panic!("{case} {key}: row {r} differs (first differing block {blk:?})");
             }
         }
@@ -37,7 +47,11 @@ fn check(ty: GgmlType, key: &str) {
         let mut deq = vec![0f32; rows * cols];
         quant::dequantize(ty, want.data(), &mut deq);
         for (i, (a, b)) in deq.iter().zip(&deq_want).enumerate() {
-            assert_eq!(a.to_bits(), b.to_bits(), "{case} {key}.dequant element {i}: {a} vs {b}");
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{case} {key}.dequant element {i}: {a} vs {b}"
+            );
         }
         checked += rows;
     }

@@ -177,6 +177,13 @@ pub fn plan(ck: &HfCheckpoint, opts: &Bnb4Options) -> Result<Bnb4Plan> {
     let mut dtype = None;
     let qt = opts.quant_type;
     for t in order {
+        // a tied lm_head is not saved by transformers (remove_tied_weights_from_state_dict)
+        if ck.config.tie_word_embeddings
+            && t.name == "lm_head.weight"
+            && ck.get("model.embed_tokens.weight").is_some()
+        {
+            continue;
+        }
         if !t.is_float() {
             bail!(
                 "{}: tensor {:?} has dtype {:?}; only F32, F16 and BF16 checkpoints can be quantized",
@@ -251,17 +258,14 @@ pub fn plan(ck: &HfCheckpoint, opts: &Bnb4Options) -> Result<Bnb4Plan> {
             ck.dir.display()
         );
     }
-    let total_parameters = ck
-        .tensors
-        .iter()
-        .map(|t| {
-            let n = t.n_elements() as u64;
-            if quantized.iter().any(|q| q.name == t.name) {
-                n.div_ceil(2) * 2
-            } else {
-                n
-            }
-        })
+    // num_parameters() of the 4-bit model: packed weights count two values a byte
+    let total_parameters: u64 = planned_sources(&parts)
+        .map(|t| t.n_elements() as u64)
+        .chain(
+            quantized
+                .iter()
+                .map(|q| (q.n_elements() as u64).div_ceil(2) * 2),
+        )
         .sum();
     let wopts = WriterOptions {
         max_shard_size: opts.max_shard_size,
@@ -277,6 +281,14 @@ pub fn plan(ck: &HfCheckpoint, opts: &Bnb4Options) -> Result<Bnb4Plan> {
         dtype: dtype.unwrap_or(StoredDtype::BF16),
         skip_modules,
         total_parameters,
+    })
+}
+
+/// The source tensors behind a plan (each once).
+fn planned_sources(parts: &HashMap<String, Part>) -> impl Iterator<Item = &TensorRef> {
+    parts.values().filter_map(|p| match p {
+        Part::Copy(t) => Some(t),
+        _ => None,
     })
 }
 

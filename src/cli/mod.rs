@@ -2,6 +2,9 @@
 
 pub mod adapter;
 pub mod inspect;
+pub mod merge;
+pub mod ollama;
+pub mod package;
 pub mod quantize;
 
 use clap::{Parser, Subcommand};
@@ -45,6 +48,12 @@ pub enum Command {
     Quantize(quantize::Args),
     /// PEFT LoRA adapter → GGUF LoRA adapter (llama.cpp --lora, Ollama ADAPTER).
     Adapter(adapter::Args),
+    /// Ollama Modelfile whose TEMPLATE is proved to render like the model's chat template.
+    Ollama(ollama::Args),
+    /// Merge PEFT LoRA/DoRA/IA³ adapters into a base model as PEFT does → HF folder or GGUF.
+    Merge(merge::Args),
+    /// CI pipeline: adapters merged + quantized GGUF, proved Modelfile, manifest.json.
+    Package(package::Args),
 }
 
 /// Configure the global thread pool.

@@ -84,6 +84,9 @@ pub struct Args {
     /// Where to quantize: auto (the GPU when one is usable), cpu, or cuda (the GPU, or fail).
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// Merge this PEFT adapter first (as `ftconv merge … --to`); repeatable, ADAPTER@WEIGHT.
+    #[arg(long = "adapter", value_name = "ADAPTER[@WEIGHT]")]
+    pub adapters: Vec<String>,
 }
 
 pub fn run(a: Args, quiet: bool) -> Result<()> {
@@ -110,10 +113,27 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     };
     let kind = checkpoint::detect(&a.src)?;
     let (plan, name) = match kind {
+        InputKind::HfFolder if !a.adapters.is_empty() => {
+            let base = crate::lora::merge::BaseModel::open(&a.src)?;
+            let ads = super::merge::open_adapters(&a.adapters)?;
+            let mplan = crate::lora::merge::MergePlan::build(&base, &ads, None)?;
+            if !quiet {
+                for w in &mplan.warnings {
+                    eprintln!("ftconv: note: {w}");
+                }
+            }
+            super::merge::gguf_plan(&a.src, &mplan, &opts)?
+        }
         // an NF4/FP4 folder reads as its dequantized self (bitsandbytes' dequantize_4bit)
         InputKind::HfFolder | InputKind::Nf4Folder => {
             let ck = HfCheckpoint::open(&a.src)?;
             (convert::plan_hf(&ck, &opts, None)?, ck.name())
+        }
+        _ if !a.adapters.is_empty() => {
+            return Err(usage(format!(
+                "{}: --adapter needs an HF model folder as the base",
+                a.src.display()
+            )));
         }
         InputKind::Gguf => {
             let stem = file_stem(&a.src);

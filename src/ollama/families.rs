@@ -142,14 +142,31 @@ pub fn date_source(jinja: &str) -> DateSource {
     }
 }
 
-/// The Go template text of a variant, with the date placeholder filled in.
-pub fn variant_text(v: &Variant, date: &DateSource) -> Result<String> {
+/// The Go template text of a variant, with the placeholders filled in: FTCONV_DATE (the date
+/// the source writes) and FTCONV_EOS (the tokenizer's EOS token, which templates such as Llama 2's
+/// write after each assistant turn).
+pub fn variant_text(v: &Variant, date: &DateSource, eos: Option<&str>) -> Result<String> {
     let raw = TEMPLATES
         .iter()
         .find(|(n, _)| *n == v.file)
         .map(|(_, t)| *t)
         .ok_or_else(|| anyhow!("formats/ollama/{}: not embedded", v.file))?;
     let text = raw.strip_suffix('\n').unwrap_or(raw);
+    let text = if text.contains("FTCONV_EOS") {
+        match eos {
+            Some(e) if !e.is_empty() && !e.contains("{{") && !e.contains("}}") => {
+                text.replace("FTCONV_EOS", e)
+            }
+            _ => {
+                return Err(anyhow!(
+                    "variant {} needs the tokenizer's EOS token and none is known",
+                    v.name
+                ));
+            }
+        }
+    } else {
+        text.to_string()
+    };
     if text.contains("FTCONV_DATE") {
         let d = match date {
             DateSource::Current => "{{ currentDate }}".to_string(),
@@ -163,7 +180,7 @@ pub fn variant_text(v: &Variant, date: &DateSource) -> Result<String> {
         };
         return Ok(text.replace("FTCONV_DATE", &d));
     }
-    Ok(text.to_string())
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -175,7 +192,8 @@ mod tests {
         for f in families() {
             assert!(!f.stops.is_empty(), "{}", f.name);
             for v in &f.variants {
-                let t = variant_text(v, &DateSource::Literal("1 Jan 2025".into())).unwrap();
+                let t = variant_text(v, &DateSource::Literal("1 Jan 2025".into()), Some("</s>"))
+                    .unwrap();
                 crate::ollama::gotemplate::GoTemplate::parse(&t)
                     .unwrap_or_else(|e| panic!("{}: {e}", v.file));
                 assert!(!t.contains("<s>[INST]") || v.name == "llama2");

@@ -5,6 +5,7 @@
 pub mod families;
 pub mod gotemplate;
 pub mod modelfile;
+pub mod source;
 
 use crate::chat_template::ChatTemplate;
 use anyhow::{Result, anyhow, bail};
@@ -475,7 +476,8 @@ pub fn derive(src: &ChatSource, force: bool) -> Result<Derived> {
         }
         variants.extend(fam.variants.iter().filter(|v| !v.tools));
         for v in variants {
-            let text = match families::variant_text(v, &date) {
+            let eos = src.special.get("eos_token").and_then(J::as_str);
+            let text = match families::variant_text(v, &date, eos) {
                 Ok(t) => t,
                 Err(_) => continue,
             };
@@ -542,5 +544,129 @@ pub fn derive(src: &ChatSource, force: bool) -> Result<Derived> {
         proof,
         notes: Vec::new(),
         unverified: Some(msg),
+    })
+}
+
+/// What the Modelfile says besides the template.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// FROM, relative to the Modelfile's folder.
+    pub from: String,
+    pub adapter: Option<String>,
+    /// `--system`: replaces the default system prompt of the chat template.
+    pub system: Option<String>,
+    /// `--param NAME=VALUE` (checked): replace derived values of that name; `stop` adds.
+    pub params: Vec<(String, String)>,
+    pub license: Option<String>,
+    /// Describes the model in the header comment.
+    pub source_label: String,
+    pub force: bool,
+}
+
+/// A Modelfile and what went into it.
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub modelfile: modelfile::Modelfile,
+    pub derived: Derived,
+    pub notes: Vec<String>,
+}
+
+/// Derive the template and assemble the Modelfile: TEMPLATE (proved), SYSTEM (the chat
+/// template's default or `--system`), stops = the family's turn markers ∪ the tokenizer's EOS
+/// tokens, sampling parameters from generation_config.json, `--param`s, LICENSE.
+pub fn build(info: &source::ModelInfo, opts: &Options) -> Result<Built> {
+    let chat = info
+        .chat
+        .as_ref()
+        .ok_or_else(|| anyhow!("{}: no chat template", opts.source_label))?;
+    let derived = derive(chat, opts.force)?;
+    let mut notes = derived.notes.clone();
+    for (n, v) in &opts.params {
+        modelfile::check_parameter(n, v)?;
+    }
+    let mut stops: Vec<String> = Vec::new();
+    for s in derived.family.stops.iter().chain(&info.eos) {
+        if !s.is_empty() && !stops.contains(s) {
+            stops.push(s.clone());
+        }
+    }
+    if info.add_bos == Some(false)
+        && let Some(b) = chat.bos()
+        && chat.template.contains("bos_token")
+    {
+        notes.push(format!(
+            "the chat template writes BOS ({b}) but the tokenizer does not add it (add_bos_token false), and Modelfile templates carry no BOS: the model will run without it"
+        ));
+    }
+    for id in &info.unnamed_eos_ids {
+        notes.push(format!(
+            "eos token id {id} has no token string in the tokenizer files: not in the stop list"
+        ));
+    }
+    let mut params: Vec<(String, String)> = Vec::new();
+    let user_stops: Vec<&String> = opts
+        .params
+        .iter()
+        .filter(|(n, _)| n == "stop")
+        .map(|(_, v)| v)
+        .collect();
+    for s in stops.iter().chain(user_stops) {
+        if !params.iter().any(|(n, v)| n == "stop" && v == s) {
+            params.push(("stop".into(), s.clone()));
+        }
+    }
+    if let Some(gc) = &info.generation_config {
+        let (sp, n) = source::sampling_parameters(gc);
+        notes.extend(n);
+        params.extend(sp);
+    }
+    for (n, v) in opts.params.iter().filter(|(n, _)| n != "stop") {
+        params.retain(|(m, _)| m != n);
+        params.push((n.clone(), v.clone()));
+    }
+    let mut comments = vec![
+        format!("Modelfile written by ftconv {}", env!("CARGO_PKG_VERSION")),
+        format!("source: {}", opts.source_label.replace(['\n', '\r'], " ")),
+    ];
+    match &derived.unverified {
+        None => comments.push(format!(
+            "template: {} (variant {}), render-verified against {} on {} conversations",
+            derived.family.title,
+            derived.variant.name,
+            chat.origin.replace(['\n', '\r'], " "),
+            derived.proof.matched.len()
+        )),
+        Some(_) => comments.push(format!(
+            "template: {} (variant {}), NOT verified: written with --force, it does not render like the chat template",
+            derived.family.title, derived.variant.name
+        )),
+    }
+    for s in &derived.proof.skipped {
+        comments.push(format!(
+            "not compared: conversation '{}' (the chat template refuses it)",
+            s.0
+        ));
+    }
+    for n in &notes {
+        comments.push(format!("note: {}", n.replace(['\n', '\r'], " ")));
+    }
+    let system = opts.system.clone().or(derived.system.clone());
+    let modelfile = modelfile::Modelfile {
+        comments,
+        from: opts.from.clone(),
+        adapter: opts.adapter.clone(),
+        template: Some(derived.template.clone()),
+        system,
+        parameters: params,
+        license: opts
+            .license
+            .iter()
+            .map(|l| l.replace("\r\n", "\n"))
+            .collect(),
+    };
+    Ok(Built {
+        modelfile,
+        derived,
+        notes,
     })
 }

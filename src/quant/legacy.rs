@@ -16,6 +16,66 @@ pub fn cvtt_i32(f: f32) -> i32 {
     }
 }
 
+/// [`cvtt_i32`] of 32 values, vectorized: on x86-64 it is the instruction itself
+/// (`cvttps2dq`, SSE2, always present), four lanes at a time.
+#[inline(always)]
+pub fn cvtt_block(v: &[f32; QK]) -> [i32; QK] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_cvttps_epi32, _mm_loadu_ps, _mm_storeu_si128};
+        let mut out = [0i32; QK];
+        for c in 0..QK / 4 {
+            // SAFETY: SSE2 is part of x86-64; both pointers address 4 in-bounds elements
+            // (c < QK/4), and the loads/stores are unaligned ones.
+            unsafe {
+                let a = _mm_loadu_ps(v.as_ptr().add(4 * c));
+                _mm_storeu_si128(
+                    out.as_mut_ptr().add(4 * c) as *mut __m128i,
+                    _mm_cvttps_epi32(a),
+                );
+            }
+        }
+        out
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::array::from_fn(|i| cvtt_i32(v[i]))
+    }
+}
+
+/// Q5_0/Q5_1 `qh`: bit 4 of code `j` at bit `j`. On x86-64: shift each byte's bit 4 up to
+/// bit 7 and collect those with `pmovmskb` (SSE2).
+#[inline(always)]
+pub fn high_bits(q: &[u8; QK]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_movemask_epi8, _mm_slli_epi16};
+        // SAFETY: SSE2 is part of x86-64; the two unaligned loads read q[0..16] and q[16..32].
+        unsafe {
+            let lo = _mm_loadu_si128(q.as_ptr() as *const __m128i);
+            let hi = _mm_loadu_si128(q.as_ptr().add(16) as *const __m128i);
+            // a 16-bit shift by 3 moves bit 4 of each byte to bit 7 of the same byte
+            let lo = _mm_movemask_epi8(_mm_slli_epi16(lo, 3)) as u32;
+            let hi = _mm_movemask_epi8(_mm_slli_epi16(hi, 3)) as u32;
+            lo | (hi << 16)
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        high_bits_scalar(q)
+    }
+}
+
+#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+#[inline(always)]
+fn high_bits_scalar(q: &[u8; QK]) -> u32 {
+    let mut qh = 0u32;
+    for (j, &v) in q.iter().enumerate() {
+        qh |= (((v & 0x10) >> 4) as u32) << j;
+    }
+    qh
+}
+
 /// `id = d ? 1/d : 0` (NaN counts as true, as in C).
 #[inline(always)]
 pub fn inv_or_zero(d: f32) -> f32 {
@@ -23,9 +83,54 @@ pub fn inv_or_zero(d: f32) -> f32 {
 }
 
 /// Signed value of the first element with the largest magnitude (`amax < |v|` updates from 0):
-/// the `max` of Q4_0/Q5_0.
+/// the `max` of Q4_0/Q5_0. Computed as "largest |v|, then its first occurrence", which is the
+/// same value (NaN never wins either way; all zeros give +0.0 as the reference's initial value)
+/// but vectorizes.
 #[inline(always)]
 pub fn first_absmax(x: &[f32; QK]) -> f32 {
+    let mut m = [0f32; 8];
+    for c in x.chunks_exact(8) {
+        for k in 0..8 {
+            m[k] = m[k].max(c[k].abs());
+        }
+    }
+    let amax = m.iter().fold(0f32, |a, &b| a.max(b));
+    if amax == 0.0 {
+        return 0.0;
+    }
+    *x.iter().find(|v| v.abs() == amax).unwrap()
+}
+
+/// `(min, max)` by strict compares from `(FLT_MAX, -FLT_MAX)` (Q4_1/Q5_1), vectorized: the
+/// minimum and maximum of a set do not depend on the order, except for the sign of a zero
+/// result, which the sequential scan takes from the first zero: fixed up here.
+#[inline(always)]
+pub fn min_max(x: &[f32; QK]) -> (f32, f32) {
+    let mut mn = [f32::MAX; 8];
+    let mut mx = [-f32::MAX; 8];
+    for c in x.chunks_exact(8) {
+        for k in 0..8 {
+            mn[k] = if c[k] < mn[k] { c[k] } else { mn[k] };
+            mx[k] = if c[k] > mx[k] { c[k] } else { mx[k] };
+        }
+    }
+    let mut min = mn.iter().fold(f32::MAX, |a, &b| if b < a { b } else { a });
+    let mut max = mx.iter().fold(-f32::MAX, |a, &b| if b > a { b } else { a });
+    if min == 0.0 || max == 0.0 {
+        let first_zero = *x.iter().find(|v| **v == 0.0).unwrap();
+        if min == 0.0 {
+            min = first_zero;
+        }
+        if max == 0.0 {
+            max = first_zero;
+        }
+    }
+    (min, max)
+}
+
+/// The scalar scans the two functions above replace (test oracles).
+#[cfg(test)]
+pub fn first_absmax_scalar(x: &[f32; QK]) -> f32 {
     let mut amax = 0.0f32;
     let mut max = 0.0f32;
     for &v in x {
@@ -37,9 +142,8 @@ pub fn first_absmax(x: &[f32; QK]) -> f32 {
     max
 }
 
-/// `(min, max)` by strict compares from `(FLT_MAX, -FLT_MAX)` (Q4_1/Q5_1).
-#[inline(always)]
-pub fn min_max(x: &[f32; QK]) -> (f32, f32) {
+#[cfg(test)]
+pub fn min_max_scalar(x: &[f32; QK]) -> (f32, f32) {
     let mut min = f32::MAX;
     let mut max = -f32::MAX;
     for &v in x {
@@ -52,6 +156,35 @@ pub fn min_max(x: &[f32; QK]) -> (f32, f32) {
     }
     (min, max)
 }
+
+/// `pub fn quantize(x, y)` for a legacy type: every block through `$block` (an
+/// `#[inline(always)]` `fn(&[f32; 32], &mut [u8; BLOCK_BYTES])`), compiled a second time with
+/// AVX2 enabled and chosen at run time when the CPU has it. Only `avx2`, never `fma`, so no
+/// multiply-add can be fused: each f32 operation is the same, only wider.
+macro_rules! quantize_fn {
+    ($block:ident) => {
+        pub fn quantize(x: &[f32], y: &mut [u8]) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                fn quantize_avx2(x: &[f32], y: &mut [u8]) {
+                    for (xb, yb) in $crate::quant::legacy::blocks::<BLOCK_BYTES>(x, y) {
+                        $block(xb, yb);
+                    }
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2 (checked just above).
+                    unsafe { quantize_avx2(x, y) };
+                    return;
+                }
+            }
+            for (xb, yb) in $crate::quant::legacy::blocks::<BLOCK_BYTES>(x, y) {
+                $block(xb, yb);
+            }
+        }
+    };
+}
+pub(crate) use quantize_fn;
 
 /// Split `x`/`y` into blocks of 32 floats / `bytes` bytes, checking the sizes.
 #[inline]
@@ -140,6 +273,82 @@ mod tests {
         assert_eq!(cvtt_i32(f32::NAN), i32::MIN);
         assert_eq!(cvtt_i32(2_147_483_648.0), i32::MIN);
         assert_eq!(cvtt_i32(-2_147_483_648.0), i32::MIN);
+    }
+
+    #[test]
+    fn vector_scans_match_scalar() {
+        let mut rng = testutil::Rng(77);
+        let specials = [
+            0.0f32,
+            -0.0,
+            1.0,
+            -1.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            -f32::MAX,
+        ];
+        for n in 0..20_000 {
+            let mut x = [0f32; QK];
+            for v in x.iter_mut() {
+                let r = rng.next_u64();
+                *v = match (r % 8, n % 3) {
+                    (0, _) => specials[(r >> 8) as usize % specials.len()],
+                    (1 | 2, 0) => ((r >> 8) % 3) as f32 - 1.0, // ties and zeros
+                    _ => rng.gauss(1.0),
+                };
+            }
+            let a = first_absmax(&x);
+            let b = first_absmax_scalar(&x);
+            assert_eq!(a.to_bits(), b.to_bits(), "{x:?}");
+            let (a0, a1) = min_max(&x);
+            let (b0, b1) = min_max_scalar(&x);
+            assert_eq!(
+                (a0.to_bits(), a1.to_bits()),
+                (b0.to_bits(), b1.to_bits()),
+                "{x:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cvtt_block_matches_scalar() {
+        let mut rng = testutil::Rng(5);
+        let specials = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            2_147_483_648.0,
+            -2_147_483_648.0,
+            -2_147_483_904.0,
+            2_147_483_520.0,
+            -0.99,
+            0.99,
+        ];
+        for _ in 0..2000 {
+            let v: [f32; QK] = std::array::from_fn(|_| {
+                let r = rng.next_u64();
+                if r.is_multiple_of(4) {
+                    specials[(r >> 8) as usize % specials.len()]
+                } else {
+                    f32::from_bits((r >> 16) as u32)
+                }
+            });
+            let got = cvtt_block(&v);
+            for (g, x) in got.iter().zip(&v) {
+                assert_eq!(*g, cvtt_i32(*x), "{x:e}");
+            }
+        }
+    }
+
+    #[test]
+    fn high_bits_matches_scalar() {
+        let mut rng = testutil::Rng(11);
+        for _ in 0..2000 {
+            let q: [u8; QK] = std::array::from_fn(|_| rng.next_u64() as u8);
+            assert_eq!(high_bits(&q), high_bits_scalar(&q));
+        }
     }
 
     #[test]
@@ -270,7 +479,8 @@ mod fp16_conformance {
         }
     }
 
-    /// All 2^32 patterns (a few minutes: run with `--ignored` when fp.rs changes).
+    /// All 2^32 patterns (roughly a quarter of an hour of CPU: run with `--ignored` when fp.rs
+    /// changes).
     #[test]
     #[ignore]
     fn f16_encode_is_rne_exhaustive() {

@@ -36,27 +36,29 @@ fn quantize_avx2(x: &[f32], y: &mut [u8]) {
     use super::kquant::avx2::make_qkx2_quants_x8;
     for (xb, yb) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(BLOCK_BYTES)) {
         let xb: &[f32; QK_K] = xb.try_into().unwrap();
+        // 16 lanes in two vectors: vector v, lane j = sub-block 8v + j
+        let mut xt = [[[0f32; 8]; 2]; 16];
+        let mut wt = [[[0f32; 8]; 2]; 16];
+        for v in 0..2 {
+            for j in 0..8 {
+                for i in 0..16 {
+                    let e = xb[128 * v + 16 * j + i];
+                    xt[i][v][j] = e;
+                    wt[i][v][j] = e.abs();
+                }
+            }
+        }
+        let mut lt = [[[0u8; 8]; 2]; 16];
+        let (s, m) = make_qkx2_quants_x8::<16, 2>(3, &xt, &wt, &mut lt, -0.5, 0.1, 15, true);
         let mut scales = [0f32; 16];
         let mut mins = [0f32; 16];
         let mut l = [0u8; QK_K];
-        // two groups of 8 lanes: sub-blocks 0..8 and 8..16
-        for half in 0..2 {
-            let mut xt = [[0f32; 8]; 16];
-            let mut wt = [[0f32; 8]; 16];
+        for v in 0..2 {
+            scales[8 * v..8 * v + 8].copy_from_slice(&s[v]);
+            mins[8 * v..8 * v + 8].copy_from_slice(&m[v]);
             for j in 0..8 {
                 for i in 0..16 {
-                    let v = xb[128 * half + 16 * j + i];
-                    xt[i][j] = v;
-                    wt[i][j] = v.abs();
-                }
-            }
-            let mut lt = [[0u8; 8]; 16];
-            let (s, m) = make_qkx2_quants_x8::<16>(3, &xt, &wt, &mut lt, -0.5, 0.1, 15, true);
-            scales[8 * half..8 * half + 8].copy_from_slice(&s);
-            mins[8 * half..8 * half + 8].copy_from_slice(&m);
-            for j in 0..8 {
-                for i in 0..16 {
-                    l[128 * half + 16 * j + i] = lt[i][j];
+                    l[128 * v + 16 * j + i] = lt[i][v][j];
                 }
             }
         }

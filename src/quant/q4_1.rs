@@ -3,16 +3,12 @@
 //! `dequantize_row_q4_1` (gguf-and-k-quants.md §2.1, §3.6).
 
 use super::fp::{read_f16, write_f16};
-use super::legacy::{QK, blocks, blocks_deq, cvtt_i32, inv_or_zero, min_max};
+use super::legacy::{QK, blocks_deq, cvtt_block, inv_or_zero, min_max};
 
 /// Bytes per block.
 pub const BLOCK_BYTES: usize = 20;
 
-pub fn quantize(x: &[f32], y: &mut [u8]) {
-    for (xb, yb) in blocks::<BLOCK_BYTES>(x, y) {
-        quantize_block(xb, yb);
-    }
-}
+super::legacy::quantize_fn!(quantize_block);
 
 #[inline(always)]
 fn quantize_block(x: &[f32; QK], y: &mut [u8; BLOCK_BYTES]) {
@@ -21,12 +17,11 @@ fn quantize_block(x: &[f32; QK], y: &mut [u8; BLOCK_BYTES]) {
     let id = inv_or_zero(d);
     write_f16(&mut y[0..2], d);
     write_f16(&mut y[2..4], min);
+    // MIN(15, (int8_t)((x - min)*id + 0.5f)) stored in a uint8_t
+    let c = cvtt_block(&std::array::from_fn(|j| (x[j] - min) * id + 0.5));
+    let q: [u8; QK] = std::array::from_fn(|j| (c[j] as i8).min(15) as u8);
     for j in 0..QK / 2 {
-        let x0 = (x[j] - min) * id;
-        let x1 = (x[j + QK / 2] - min) * id;
-        let xi0 = (cvtt_i32(x0 + 0.5) as i8 as i32).min(15) as u8;
-        let xi1 = (cvtt_i32(x1 + 0.5) as i8 as i32).min(15) as u8;
-        y[4 + j] = xi0 | (xi1 << 4);
+        y[4 + j] = q[j] | (q[j + QK / 2] << 4);
     }
 }
 

@@ -28,14 +28,41 @@ pub fn quantize(x: &[f32], y: &mut [u8]) {
     quantize_portable(x, y);
 }
 
+/// Super-blocks per AVX2 kernel call: `8·GROUP` lanes in `GROUP` interleaved vectors, which
+/// hides the latency of the reference's strictly sequential sums.
+#[cfg(target_arch = "x86_64")]
+const GROUP: usize = 2;
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn quantize_avx2(x: &[f32], y: &mut [u8]) {
-    for (xb, yb) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(BLOCK_BYTES)) {
-        let xb: &[f32; QK_K] = xb.try_into().unwrap();
-        let mut l = [0u8; QK_K];
-        let (scales, mins) = fit_32x8_avx2(xb, 15, -1.0, 20, &mut l);
-        finish_block(xb, &scales, &mins, &mut l, yb.try_into().unwrap());
+    let mut xs = x.chunks_exact(GROUP * QK_K);
+    let mut ys = y.chunks_exact_mut(GROUP * BLOCK_BYTES);
+    for (xg, yg) in (&mut xs).zip(&mut ys) {
+        quantize_group_avx2::<GROUP>(xg, yg);
+    }
+    let (xr, yr) = (xs.remainder(), ys.into_remainder());
+    for (xb, yb) in xr.chunks_exact(QK_K).zip(yr.chunks_exact_mut(BLOCK_BYTES)) {
+        quantize_group_avx2::<1>(xb, yb);
+    }
+}
+
+/// `V` consecutive super-blocks `x` (`V·256` values) into `y` (`V·144` bytes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn quantize_group_avx2<const V: usize>(x: &[f32], y: &mut [u8]) {
+    let xb: [&[f32; QK_K]; V] =
+        std::array::from_fn(|v| x[v * QK_K..(v + 1) * QK_K].try_into().unwrap());
+    let mut l = [[0u8; QK_K]; V];
+    let (scales, mins) = fit_32x8_avx2::<V>(xb, 15, -1.0, 20, &mut l);
+    for (v, yb) in y.chunks_exact_mut(BLOCK_BYTES).enumerate() {
+        finish_block(
+            xb[v],
+            &scales[v],
+            &mins[v],
+            &mut l[v],
+            yb.try_into().unwrap(),
+        );
     }
 }
 

@@ -3,16 +3,12 @@
 //! llama.cpp's `quantize_row_q5_0_ref` / `dequantize_row_q5_0` (gguf-and-k-quants.md §2.1, §3.6).
 
 use super::fp::{read_f16, write_f16};
-use super::legacy::{QK, blocks, blocks_deq, cvtt_i32, first_absmax, inv_or_zero};
+use super::legacy::{QK, blocks_deq, cvtt_block, first_absmax, high_bits, inv_or_zero};
 
 /// Bytes per block.
 pub const BLOCK_BYTES: usize = 22;
 
-pub fn quantize(x: &[f32], y: &mut [u8]) {
-    for (xb, yb) in blocks::<BLOCK_BYTES>(x, y) {
-        quantize_block(xb, yb);
-    }
-}
+super::legacy::quantize_fn!(quantize_block);
 
 #[inline(always)]
 fn quantize_block(x: &[f32; QK], y: &mut [u8; BLOCK_BYTES]) {
@@ -20,16 +16,13 @@ fn quantize_block(x: &[f32; QK], y: &mut [u8; BLOCK_BYTES]) {
     let d = max / -16.0;
     let id = inv_or_zero(d);
     write_f16(&mut y[0..2], d);
-    let mut qh = 0u32;
+    // MIN(31, (int8_t)(x*id + 16.5f)) stored in a uint8_t
+    let c = cvtt_block(&std::array::from_fn(|j| x[j] * id + 16.5));
+    let q: [u8; QK] = std::array::from_fn(|j| (c[j] as i8).min(31) as u8);
     for j in 0..QK / 2 {
-        let x0 = x[j] * id;
-        let x1 = x[j + QK / 2] * id;
-        let xi0 = (cvtt_i32(x0 + 16.5) as i8 as i32).min(31) as u8;
-        let xi1 = (cvtt_i32(x1 + 16.5) as i8 as i32).min(31) as u8;
-        y[6 + j] = (xi0 & 0x0F) | ((xi1 & 0x0F) << 4);
-        qh |= (((xi0 & 0x10) >> 4) as u32) << j;
-        qh |= (((xi1 & 0x10) >> 4) as u32) << (j + QK / 2);
+        y[6 + j] = (q[j] & 0x0F) | ((q[j + QK / 2] & 0x0F) << 4);
     }
+    let qh = high_bits(&q);
     y[2..6].copy_from_slice(&qh.to_le_bytes());
 }
 

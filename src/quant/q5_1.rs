@@ -3,16 +3,12 @@
 //! `quantize_row_q5_1_ref` / `dequantize_row_q5_1` (gguf-and-k-quants.md §2.1, §3.6).
 
 use super::fp::{read_f16, write_f16};
-use super::legacy::{QK, blocks, blocks_deq, cvtt_i32, inv_or_zero, min_max};
+use super::legacy::{QK, blocks_deq, cvtt_block, high_bits, inv_or_zero, min_max};
 
 /// Bytes per block.
 pub const BLOCK_BYTES: usize = 24;
 
-pub fn quantize(x: &[f32], y: &mut [u8]) {
-    for (xb, yb) in blocks::<BLOCK_BYTES>(x, y) {
-        quantize_block(xb, yb);
-    }
-}
+super::legacy::quantize_fn!(quantize_block);
 
 #[inline(always)]
 fn quantize_block(x: &[f32; QK], y: &mut [u8; BLOCK_BYTES]) {
@@ -21,17 +17,13 @@ fn quantize_block(x: &[f32; QK], y: &mut [u8; BLOCK_BYTES]) {
     let id = inv_or_zero(d);
     write_f16(&mut y[0..2], d);
     write_f16(&mut y[2..4], min);
-    let mut qh = 0u32;
+    // (uint8_t)((x - min)*id + 0.5f): no clamp to 31 in the reference
+    let c = cvtt_block(&std::array::from_fn(|j| (x[j] - min) * id + 0.5));
+    let q: [u8; QK] = std::array::from_fn(|j| c[j] as u8);
     for j in 0..QK / 2 {
-        let x0 = (x[j] - min) * id;
-        let x1 = (x[j + QK / 2] - min) * id;
-        // (uint8_t)(x + 0.5f): no clamp to 31 in the reference
-        let xi0 = cvtt_i32(x0 + 0.5) as u8;
-        let xi1 = cvtt_i32(x1 + 0.5) as u8;
-        y[8 + j] = (xi0 & 0x0F) | ((xi1 & 0x0F) << 4);
-        qh |= (((xi0 & 0x10) >> 4) as u32) << j;
-        qh |= (((xi1 & 0x10) >> 4) as u32) << (j + QK / 2);
+        y[8 + j] = (q[j] & 0x0F) | ((q[j + QK / 2] & 0x0F) << 4);
     }
+    let qh = high_bits(&q);
     y[4..8].copy_from_slice(&qh.to_le_bytes());
 }
 

@@ -3,31 +3,52 @@
 //! (gguf-and-k-quants.md §2.1, §3.6).
 
 use super::fp::{read_f16, write_f16};
-use super::legacy::{QK, blocks, blocks_deq, cvtt_i32, inv_or_zero};
+use super::legacy::{QK, blocks_deq, cvtt_block, inv_or_zero};
 
 /// Bytes per block.
 pub const BLOCK_BYTES: usize = 34;
 
-pub fn quantize(x: &[f32], y: &mut [u8]) {
-    for (xb, yb) in blocks::<BLOCK_BYTES>(x, y) {
-        quantize_block(xb, yb);
-    }
-}
+super::legacy::quantize_fn!(quantize_block);
 
 #[inline(always)]
 fn quantize_block(x: &[f32; QK], y: &mut [u8; BLOCK_BYTES]) {
+    let amax = absmax(x);
+    let d = amax / 127.0;
+    let id = inv_or_zero(d);
+    write_f16(&mut y[0..2], d);
+    // roundf (half away from zero), then (int8_t)
+    let c = cvtt_block(&std::array::from_fn(|j| (x[j] * id).round()));
+    for j in 0..QK {
+        y[2 + j] = c[j] as u8;
+    }
+}
+
+/// `amax = MAX(amax, fabsf(v))` over the block from 0. Without NaN that is the largest |v|
+/// in any order (vectorized); a NaN makes the result depend on the order (`MAX(NaN, a)` is `a`,
+/// `MAX(a, NaN)` is NaN), so such blocks take the literal scan.
+#[inline(always)]
+fn absmax(x: &[f32; QK]) -> f32 {
+    if x.iter().any(|v| v.is_nan()) {
+        return absmax_scalar(x);
+    }
+    let mut m = [0f32; 8];
+    for c in x.chunks_exact(8) {
+        for k in 0..8 {
+            let a = c[k].abs();
+            m[k] = if m[k] > a { m[k] } else { a };
+        }
+    }
+    m.iter().fold(0f32, |a, &b| if a > b { a } else { b })
+}
+
+#[inline(never)]
+fn absmax_scalar(x: &[f32; QK]) -> f32 {
     let mut amax = 0.0f32;
     for &v in x {
         let a = v.abs();
         amax = if amax > a { amax } else { a }; // MAX(amax, fabsf(v))
     }
-    let d = amax / 127.0;
-    let id = inv_or_zero(d);
-    write_f16(&mut y[0..2], d);
-    for j in 0..QK {
-        // roundf (half away from zero), then (int8_t)
-        y[2 + j] = cvtt_i32((x[j] * id).round()) as u8;
-    }
+    amax
 }
 
 pub fn dequantize(x: &[u8], y: &mut [f32]) {
@@ -49,6 +70,24 @@ mod tests {
         let mut y = [0xAAu8; BLOCK_BYTES];
         quantize(&[0.0; QK], &mut y);
         assert!(y.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn vector_absmax_matches_scan() {
+        let mut rng = Rng(99);
+        let specials = [0.0f32, -0.0, f32::NAN, f32::INFINITY, -f32::MAX, 1e-40];
+        for _ in 0..20_000 {
+            let mut x = [0f32; QK];
+            for v in x.iter_mut() {
+                let r = rng.next_u64();
+                *v = if r.is_multiple_of(10) {
+                    specials[(r >> 8) as usize % specials.len()]
+                } else {
+                    rng.gauss(1.0)
+                };
+            }
+            assert_eq!(absmax(&x).to_bits(), absmax_scalar(&x).to_bits(), "{x:?}");
+        }
     }
 
     #[test]
