@@ -162,10 +162,11 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         return Err(usage("input and output paths must differ"));
     }
     let (backend, line) = crate::gpu::select(a.device)?;
+    let summary = write_on(&plan, &out, quiet, &backend)?;
+    // the device line comes with the summary, so a failure stays one line on stderr
     if let (Some(line), false) = (line, quiet) {
         eprintln!("{line}");
     }
-    let summary = write_on(&plan, &out, quiet, &backend)?;
     report(&plan, &out, &summary, a.json, quiet);
     Ok(())
 }
