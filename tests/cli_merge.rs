@@ -256,7 +256,7 @@ fn merge_to_gguf_equals_merge_then_quantize() {
     std::fs::create_dir(d.path().join("m")).unwrap();
     let merged = d.path().join("m").join("tiny-llama");
     ok(&run(&["merge", s(&base), s(&ad), "-o", s(&merged)]));
-    for ty in ["bf16", "f16", "f32"] {
+    for ty in ["bf16", "f16", "f32", "q8_0", "q4_k_m"] {
         let two = d.path().join(format!("two-{ty}.gguf"));
         ok(&run(&["quantize", s(&merged), "--to", ty, "-o", s(&two)]));
         let one = d.path().join(format!("one-{ty}.gguf"));
@@ -507,4 +507,60 @@ fn bad_inputs_fail_before_output() {
     assert_fails(&o, 2, "--dtype");
     let o = run(&["merge", s(&base), s(&q), "-o", s(&base)]);
     assert_fails(&o, 2, "would overwrite input");
+}
+
+/// An NF4 base (made by `ftconv quantize --to nf4`) is read dequantized and the merge written in
+/// bf16 without quantization_config. The delta part is checked against the test's own sum on top
+/// of the dequantized weights (a merge of an all-zero adapter).
+#[test]
+fn nf4_base_is_merged_dequantized() {
+    let d = tempfile::tempdir().unwrap();
+    let nf4 = d.path().join("nf4");
+    ok(&run(&[
+        "quantize",
+        s(&fixture("tiny-llama")),
+        "--to",
+        "nf4",
+        "-o",
+        s(&nf4),
+    ]));
+    let mut rng = Rng(12);
+    let q = lora(&mut rng, "model.layers.0.self_attn.q_proj", 4, H, H);
+    let ad = write_adapter(&d.path().join("ad"), lora_cfg(json!({})), &lora_tensors(&q));
+    let zero = Lora {
+        b: vec![0.0; q.b.len()],
+        a: q.a.clone(),
+        ..lora(&mut rng, "model.layers.0.self_attn.q_proj", 4, H, H)
+    };
+    let adz = write_adapter(
+        &d.path().join("adz"),
+        lora_cfg(json!({})),
+        &lora_tensors(&zero),
+    );
+    let out = d.path().join("out");
+    let o = run(&["merge", s(&nf4), s(&ad), "-o", s(&out)]);
+    ok(&o);
+    assert!(stderr(&o).contains("4-bit"), "{}", stderr(&o));
+    let outz = d.path().join("outz");
+    ok(&run(&["merge", s(&nf4), s(&adz), "-o", s(&outz), "-q"]));
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert!(cfg.get("quantization_config").is_none());
+    let got = load_folder(&out);
+    let deq = load_folder(&outz);
+    let base = load_folder(&fixture("tiny-llama"));
+    assert_eq!(got.len(), base.len());
+    for (name, (dt, shape, _)) in &base {
+        assert_eq!((&got[name].0, &got[name].1), (dt, shape), "{name}");
+    }
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let want = expected_linear(&deq[name].2, &q, 2.0);
+    assert!(
+        got[name].2 == want,
+        "merged NF4 q_proj differs from the reference"
+    );
+    assert!(
+        deq[name].2 != base[name].2,
+        "the NF4 weights were not dequantized"
+    );
 }

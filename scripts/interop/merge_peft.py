@@ -64,6 +64,8 @@ def lora_config(case):
     if case in ("two-a", "two-b"):
         r = 4 if case == "two-a" else 8
         return LoraConfig(r=r, lora_alpha=2 * r if case == "two-a" else 4, target_modules=["q_proj", "v_proj", "down_proj"])
+    if case == "bench":  # the benchmark adapter: rank 16 on every linear layer
+        return LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
     if case == "ia3":
         return IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
     sys.exit(f"unknown adapter case {case}")

@@ -26,9 +26,10 @@ pub struct Args {
     /// dtype of the merged weights: auto (the base's), bf16, f16 or f32.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
-    /// Largest safetensors shard (as save_pretrained's max_shard_size).
-    #[arg(long, default_value = "5GB", value_parser = output::parse_size)]
-    pub max_shard_size: u64,
+    /// Largest safetensors shard, in bytes or with a unit (save_pretrained's max_shard_size:
+    /// 5GB, 500MB, 2GiB; its default is 50GB).
+    #[arg(long, value_name = "SIZE", default_value = "50GB")]
+    pub max_shard_size: String,
     /// Write a GGUF of this type directly (q4_k_m, q8_0, bf16…), byte-identical to merging
     /// then quantizing.
     #[arg(long = "to", value_parser = parse_target)]
@@ -93,6 +94,14 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
             "--dtype applies to the HF folder output; with --to the GGUF follows the base's dtype as convert_hf_to_gguf.py does",
         ));
     }
+    let max_shard_size = super::quantize::parse_size(&a.max_shard_size)
+        .filter(|&n| n > 0)
+        .ok_or_else(|| {
+            usage(format!(
+                "--max-shard-size {:?}: expected bytes or a size such as 5GB, 500MB, 2GiB",
+                a.max_shard_size
+            ))
+        })?;
     let base = BaseModel::open(&a.base)?;
     let adapters = open_adapters(&a.adapters)?;
     let plan = MergePlan::build(&base, &adapters, dtype)?;
@@ -105,7 +114,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     inputs.extend(adapters.iter().map(|x| x.dir.as_path()));
     match a.to {
         Some(t) => run_gguf(&a, t, &plan, &inputs, quiet),
-        None => run_hf(&a, &base, &plan, &inputs, quiet),
+        None => run_hf(&a, &base, &plan, &inputs, max_shard_size, quiet),
     }
 }
 
@@ -152,6 +161,7 @@ fn run_hf(
     base: &BaseModel,
     plan: &MergePlan,
     inputs: &[&Path],
+    max_shard_size: u64,
     quiet: bool,
 ) -> Result<()> {
     if a.dry_run {
@@ -164,7 +174,7 @@ fn run_hf(
     let total = plan.total_bytes();
     let pb = progress_bar(total, quiet);
     let mut done = 0u64;
-    let written = output::write_hf_folder(&a.output, base, plan, a.max_shard_size, &mut |n| {
+    let written = output::write_hf_folder(&a.output, base, plan, max_shard_size, &mut |n| {
         done += n;
         pb.set_position(done);
     })?;

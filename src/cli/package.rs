@@ -158,7 +158,9 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         params.push((n.to_string(), v.to_string()));
     }
     let license = source::find_license(&a.base)
-        .map(|p| std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display())))
+        .map(|p| {
+            std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))
+        })
         .transpose()?;
     let mopts = ollama::Options {
         from: format!("./{gguf_name}"),
@@ -216,8 +218,14 @@ fn manifest(
     built: &ollama::Built,
 ) -> Result<Value> {
     let label = |root: &Path, p: &Path| -> String {
-        let r = root.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
-        let f = p.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        let r = root
+            .file_name()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let f = p
+            .file_name()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
         format!("{r}/{f}")
     };
     let mut inputs = vec![];
@@ -236,13 +244,18 @@ fn manifest(
     }
     let outputs = file_entries(&[
         (
-            gguf.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(),
+            gguf.file_name()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default(),
             gguf.to_path_buf(),
         ),
         ("Modelfile".to_string(), modelfile.to_path_buf()),
     ])?;
-    let errs: std::collections::HashMap<&str, &crate::exec::TensorError> =
-        summary.errors.iter().map(|e| (e.name.as_str(), e)).collect();
+    let errs: std::collections::HashMap<&str, &crate::exec::TensorError> = summary
+        .errors
+        .iter()
+        .map(|e| (e.name.as_str(), e))
+        .collect();
     let tensors: Vec<Value> = plan
         .tensors
         .iter()

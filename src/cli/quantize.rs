@@ -100,6 +100,12 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
                 a.to.name()
             )));
         }
+        Target::Nf4 | Target::Fp4 if !a.adapters.is_empty() => {
+            return Err(usage(format!(
+                "--adapter with --to {} is not available yet (merge to a folder first, then quantize it)",
+                a.to.name()
+            )));
+        }
         Target::Nf4 | Target::Fp4 => return run_bnb4(a, quiet),
     };
     if a.no_double_quant || !a.skip.is_empty() {

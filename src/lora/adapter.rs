@@ -673,7 +673,9 @@ impl Adapter {
                 bail!("{f}: module {m:?} has lora_magnitude_vector but use_dora is false");
             }
             if p.magnitude.is_none() && self.config.use_dora {
-                bail!("{f}: module {m:?}: use_dora is true but lora_magnitude_vector is missing");
+                bail!(
+                    "{f}: module {m:?}: use_dora is true (a DoRA adapter) but lora_magnitude_vector is missing"
+                );
             }
         }
         Ok(())

@@ -424,6 +424,8 @@ pub struct BaseModel {
     /// Every tensor, shards in file-name order, tensors in file order.
     pub tensors: Vec<TensorRef>,
     index: HashMap<String, usize>,
+    /// A bitsandbytes 4-bit (NF4/FP4) folder, read dequantized.
+    pub quantized: bool,
 }
 
 impl BaseModel {
@@ -467,12 +469,24 @@ impl BaseModel {
             }
             shards.push(f);
         }
+        // a bitsandbytes 4-bit folder: each weight's key group read as its dequantized self
+        // (decisions.md: dequantize to the stored dtype, merge, write that dtype)
+        let quantized = crate::checkpoint::is_bnb_folder(dir)?;
+        if quantized {
+            crate::checkpoint::bnb::fold_quantized(dir, &mut tensors)?;
+            index = tensors
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.clone(), i))
+                .collect();
+        }
         Ok(BaseModel {
             dir: dir.to_path_buf(),
             config,
             shards,
             tensors,
             index,
+            quantized,
         })
     }
 
@@ -714,6 +728,7 @@ impl TensorJob {
     pub fn is_plain_copy(&self) -> bool {
         self.steps.is_empty()
             && matches!(self.input, Input::Base(_))
+            && self.input.tensor().bnb4().is_none()
             && self
                 .ty
                 .is_none_or(|t| t.dtype() == self.input.tensor().dtype)
@@ -820,6 +835,12 @@ impl MergePlan {
         }
         let model_type = dtype.unwrap_or_else(|| base.float_type());
         let mut warnings = vec![];
+        if base.quantized {
+            warnings.push(format!(
+                "{}: a 4-bit bitsandbytes base: weights are dequantized (as bitsandbytes does) and the merge is written in 16 bits; the result differs from merging into the original full-precision base",
+                base.dir.display()
+            ));
+        }
         let mut replaced: BTreeMap<String, (TensorRef, String)> = BTreeMap::new();
         let mut steps: BTreeMap<String, Vec<StepSpec>> = BTreeMap::new();
         // module -> (base tensor, layout, terms, dora, first adapter)
