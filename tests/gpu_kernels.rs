@@ -290,10 +290,100 @@ fn host_kernels_reproduce_llama_cpp_golden_bytes() {
     assert_eq!(checked, QUANT_CASES.len() * 12);
 }
 
+/// Random rows with the awkward blocks mixed in: all-zero, constant, tiny (~1e-7), an outlier,
+/// one sign only, exact 4-bit decision thresholds.
+fn awkward(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut x = gaussian(rows * cols, 0.02, seed);
+    for (r, row) in x.chunks_mut(cols).enumerate() {
+        match r % 7 {
+            1 => row[..cols.min(256)].iter_mut().for_each(|v| *v = 0.0),
+            2 => row[..cols.min(64)].iter_mut().for_each(|v| *v = 0.25),
+            3 => row.iter_mut().for_each(|v| *v *= 1e-5),
+            4 => row[5 % cols] = 300.0,
+            5 => row.iter_mut().for_each(|v| *v = v.abs()),
+            6 => {
+                let t = quant::nf4::QuantType::Nf4.table();
+                for (k, v) in row.iter_mut().enumerate() {
+                    // the first value sets absmax 1.0; then midpoints of neighbours (ties)
+                    *v = if k % 64 == 0 {
+                        1.0
+                    } else {
+                        let i = k % 15;
+                        (t[i] + t[i + 1]) / 2.0
+                    };
+                }
+            }
+            _ => {}
+        }
+    }
+    x
+}
+
+#[test]
+fn host_kernels_equal_the_cpu_quantizers_on_random_tensors() {
+    let Some(h) = harness() else { return };
+    for (rows, cols, seed) in [(14usize, 256usize, 1u64), (9, 768, 2), (3, 4096, 3)] {
+        let x = awkward(rows, cols, seed);
+        for ty in gpu_types() {
+            let mut cpu = vec![0u8; x.len() / ty.block_size() * ty.type_size()];
+            quant::quantize(ty, &x, &mut cpu);
+            let got = host_quantize(h, ty, &x);
+            assert!(
+                got == cpu,
+                "{ty} {rows}x{cols}: kernel bytes differ from the CPU quantizer (first differing block {:?})",
+                first_diff(&got, &cpu, ty.type_size())
+            );
+        }
+    }
+}
+
+#[test]
+fn host_4bit_kernels_equal_the_cpu_nf4_module() {
+    use quant::nf4::{self, QuantType};
+    let Some(h) = harness() else { return };
+    for qt in [QuantType::Nf4, QuantType::Fp4] {
+        let table = FourBitTable::for_type(qt);
+        for (k, n) in [15usize, 64, 1000, 1001, 64 * 300 + 32, 7 * 4096]
+            .into_iter()
+            .enumerate()
+        {
+            let x = awkward(1, n, 40 + k as u64);
+            let (cp, ca) = nf4::quantize_4bit(qt, &x);
+            let (hp, ha) = host_4bit(h, &x, nf4::BLOCKSIZE, &table);
+            assert!(hp == cp, "{} n={n}: packed codes differ", qt.name());
+            assert_eq!(
+                ha.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                ca.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{} n={n}: absmax",
+                qt.name()
+            );
+            let nested = nf4::double_quant(&ca);
+            let (q, na) = host_dq(
+                h,
+                &ca,
+                nested.offset,
+                nf4::dynamic_map(),
+                DoubleQuantRounding::CpuLut,
+            );
+            assert_eq!(q, nested.codes, "{} n={n}: absmax codes", qt.name());
+            assert_eq!(
+                na.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                nested
+                    .nested_absmax
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
+                "{} n={n}: nested absmax",
+                qt.name()
+            );
+        }
+    }
+}
+
 fn nf4_table(st: &SafeTensors) -> FourBitTable {
     let map = f32s(st.tensor("quant_map").unwrap().data());
     let values: [f32; 16] = map.try_into().unwrap();
-    FourBitTable::sorted(&values)
+    FourBitTable::from_values(&values)
 }
 
 #[test]
@@ -582,7 +672,7 @@ fn device_auto_without_gpu_says_why_in_one_line_and_writes_the_cpu_bytes() {
     }
     let d = tempfile::tempdir().unwrap();
     let src = fixture("tiny-llama");
-    for ty in ["f16", "bf16"] {
+    for ty in ["f16", "bf16", "q8_0", "q4_k_m"] {
         let mut outs = Vec::new();
         for dev in ["auto", "cpu"] {
             let out = d.path().join(format!("{ty}-{dev}.gguf"));
@@ -663,6 +753,21 @@ fn device_flag_rejects_unknown_values() {
         "tpu",
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    // NF4/FP4 are written on the CPU: asking for the GPU is a usage error, not a silent CPU run
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("nf4");
+    let o = run(&[
+        "quantize",
+        fixture("tiny-llama").to_str().unwrap(),
+        "--to",
+        "nf4",
+        "-o",
+        out.to_str().unwrap(),
+        "--device",
+        "cuda",
+    ]);
+    assert_fails(&o, 2, "--device cuda: --to NF4 runs on the CPU");
+    assert!(list(d.path()).is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -758,24 +863,40 @@ fn gpu_4bit_equals_bitsandbytes_and_host_bytes() {
             .unwrap();
         assert_eq!(q, st.tensor("absmax_q").unwrap().data(), "{case}: absmax_q");
     }
-    // random tensors, including a partial last block and an odd count, against the host build
-    let Some(h) = harness() else { return };
-    let bytes = golden("nf4/nf4_tiny_4x64_dq0.safetensors");
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let table = nf4_table(&st);
-    for (k, n) in [64usize, 1000, 1001, 4096 * 11, (16 << 20) + 77]
-        .into_iter()
-        .enumerate()
-    {
-        let x = gaussian(n, 0.05, 200 + k as u64);
-        let dev = g.quantize_4bit(&x, 64, &table).unwrap();
-        let host = host_4bit(h, &x, 64, &table);
-        assert!(dev.0 == host.0, "{n} values: packed differ");
-        assert_eq!(
-            dev.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            host.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            "{n} values: absmax differ"
-        );
+    // random tensors, including a partial last block and an odd count, against the CPU module
+    use quant::nf4::{self, QuantType};
+    for qt in [QuantType::Nf4, QuantType::Fp4] {
+        let table = FourBitTable::for_type(qt);
+        for (k, n) in [64usize, 1000, 1001, 4096 * 11, (16 << 20) + 77]
+            .into_iter()
+            .enumerate()
+        {
+            let x = awkward(1, n, 200 + k as u64);
+            let dev = g.quantize_4bit(&x, nf4::BLOCKSIZE, &table).unwrap();
+            let cpu = nf4::quantize_4bit(qt, &x);
+            assert!(dev.0 == cpu.0, "{} {n} values: packed differ", qt.name());
+            assert_eq!(
+                dev.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                cpu.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{} {n} values: absmax differ",
+                qt.name()
+            );
+            let nested = nf4::double_quant(&cpu.1);
+            let (q, na) = g
+                .double_quant(
+                    &cpu.1,
+                    nested.offset,
+                    nf4::dynamic_map(),
+                    DoubleQuantRounding::CpuLut,
+                )
+                .unwrap();
+            assert_eq!(q, nested.codes, "{} {n}: absmax codes", qt.name());
+            assert!(
+                na.iter()
+                    .zip(&nested.nested_absmax)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+        }
     }
 }
 
@@ -825,5 +946,84 @@ fn gpu_widen_and_merge_equal_the_host_build() {
             .dora_apply(&v, &mag, rows, cols, by_row, Dtype::BF16)
             .unwrap();
         assert_eq!(out.len(), rows * cols * 2);
+    }
+}
+
+/// Throughput on a GPU (run explicitly: `cargo test --release --test gpu_kernels -- --ignored
+/// --nocapture`): one 7B-shaped llama layer (q/k/v/o 4096x4096, gate/up/down 4096x11008,
+/// 202 M values) quantized by the GPU and by the CPU (all threads), bytes compared, seconds and
+/// GB/s of bf16 input printed.
+#[test]
+#[ignore]
+fn gpu_throughput_report() {
+    use rayon::prelude::*;
+    let Some(g) = gpu_or_skip() else { return };
+    eprintln!("{}", g.describe());
+    let shapes = [
+        (4096usize, 4096usize),
+        (4096, 4096),
+        (4096, 4096),
+        (4096, 4096),
+        (11008, 4096),
+        (11008, 4096),
+        (4096, 11008),
+    ];
+    let tensors: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(k, (r, c))| {
+            gaussian(r * c, 0.02, 500 + k as u64)
+                .into_iter()
+                .map(bf16_round)
+                .collect()
+        })
+        .collect();
+    let values: usize = tensors.iter().map(|t| t.len()).sum();
+    for ty in [
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::Q5_K,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+    ] {
+        let outs: Vec<usize> = tensors
+            .iter()
+            .map(|t| t.len() / ty.block_size() * ty.type_size())
+            .collect();
+        // warm-up (module compilation)
+        let mut tmp = vec![0u8; outs[0]];
+        g.quantize(ty, &tensors[0], &mut tmp).unwrap();
+        let t0 = std::time::Instant::now();
+        let mut gpu_out: Vec<Vec<u8>> = Vec::new();
+        for (t, n) in tensors.iter().zip(&outs) {
+            let mut y = vec![0u8; *n];
+            g.quantize(ty, t, &mut y).unwrap();
+            gpu_out.push(y);
+        }
+        let gs = t0.elapsed().as_secs_f64();
+        let t1 = std::time::Instant::now();
+        let cpu_out: Vec<Vec<u8>> = tensors
+            .iter()
+            .zip(&outs)
+            .map(|(t, n)| {
+                let mut y = vec![0u8; *n];
+                let bs = 256 * 64;
+                let ob = bs / ty.block_size() * ty.type_size();
+                t.par_chunks(bs)
+                    .zip(y.par_chunks_mut(ob))
+                    .for_each(|(x, o)| quant::quantize(ty, x, o));
+                y
+            })
+            .collect();
+        let cs = t1.elapsed().as_secs_f64();
+        assert!(gpu_out == cpu_out, "{ty}: GPU bytes differ from the CPU's");
+        let gb = values as f64 * 2.0 / 1e9;
+        eprintln!(
+            "{ty}: {values} values; GPU {gs:.3} s ({:.1} GB/s of bf16), CPU {} threads {cs:.3} s ({:.2} GB/s); GPU/CPU speed-up {:.1}x; bytes identical",
+            gb / gs,
+            rayon::current_num_threads(),
+            gb / cs,
+            cs / gs
+        );
     }
 }

@@ -93,6 +93,13 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     set_threads(a.threads)?;
     let ftype = match a.to {
         Target::Gguf(f) => f,
+        Target::Nf4 | Target::Fp4 if a.device == DeviceChoice::Cuda => {
+            // the kernels exist (gpu::Gpu::quantize_4bit) but the NF4 writer runs on the CPU
+            return Err(usage(format!(
+                "--device cuda: --to {} runs on the CPU in this version (use --device auto or cpu)",
+                a.to.name()
+            )));
+        }
         Target::Nf4 | Target::Fp4 if !a.adapters.is_empty() => {
             return Err(usage(format!(
                 "--adapter with --to {} is not available yet (merge to a folder first, then quantize it)",
@@ -161,10 +168,11 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         return Err(usage("input and output paths must differ"));
     }
     let (backend, line) = crate::gpu::select(a.device)?;
+    let summary = write_on(&plan, &out, quiet, &backend)?;
+    // the device line comes with the summary, so a failure stays one line on stderr
     if let (Some(line), false) = (line, quiet) {
         eprintln!("{line}");
     }
-    let summary = write_on(&plan, &out, quiet, &backend)?;
     report(&plan, &out, &summary, a.json, quiet);
     Ok(())
 }

@@ -282,18 +282,30 @@ pub struct FourBitTable {
 }
 
 impl FourBitTable {
-    /// Bounds = midpoints of the ascending `values` (f32 `(a + b) / 2`), order = identity.
-    /// `values` must be sorted ascending (NF4's table is).
-    pub fn sorted(values: &[f32; 16]) -> FourBitTable {
+    /// The decision table of a 4-bit code table (`values[code]`), as bitsandbytes' CPU path
+    /// builds it: sort the values (equal values keep index order, like torch.argsort on 16
+    /// CPU values), bounds = f32 `(a + b) / 2` of neighbours, order = sorted position → code.
+    pub fn from_values(values: &[f32; 16]) -> FourBitTable {
+        let mut idx: Vec<u32> = (0..16).collect();
+        idx.sort_by(|&a, &b| {
+            values[a as usize]
+                .partial_cmp(&values[b as usize])
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(a.cmp(&b))
+        });
         let mut bounds = [0f32; 16];
         for k in 0..15 {
-            bounds[k] = (values[k] + values[k + 1]) / 2.0;
+            bounds[k] = (values[idx[k] as usize] + values[idx[k + 1] as usize]) / 2.0;
         }
-        let mut order = [0u32; 16];
-        for (k, o) in order.iter_mut().enumerate() {
-            *o = k as u32;
+        FourBitTable {
+            bounds,
+            order: idx.try_into().unwrap(),
         }
-        FourBitTable { bounds, order }
+    }
+
+    /// NF4's or FP4's table (quant::nf4).
+    pub fn for_type(qt: quant::nf4::QuantType) -> FourBitTable {
+        FourBitTable::from_values(&qt.table())
     }
 }
 
