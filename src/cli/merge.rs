@@ -46,6 +46,9 @@ pub struct Args {
     /// Print the result (or the plan) as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// With --to: quantize on auto (the GPU when one is usable), cpu, or cuda (the GPU, or fail).
+    #[arg(long, value_enum, default_value_t = crate::gpu::DeviceChoice::Auto)]
+    pub device: crate::gpu::DeviceChoice,
 }
 
 /// Open the adapters named `ADAPTER[@WEIGHT]`.
@@ -151,7 +154,11 @@ fn run_gguf(a: &Args, t: Target, plan: &MergePlan, inputs: &[&Path], quiet: bool
     }
     crate::output::check_output_dir(&a.output)?;
     check_not_input(&a.output, inputs)?;
-    let summary = super::quantize::write(&gplan, &a.output, quiet)?;
+    let (backend, line) = crate::gpu::select(a.device)?;
+    let summary = super::quantize::write_on(&gplan, &a.output, quiet, &backend)?;
+    if let (Some(line), false) = (line, quiet) {
+        eprintln!("{line}");
+    }
     super::quantize::report(&gplan, &a.output, &summary, a.json, quiet);
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! `Modelfile`, and `manifest.json` (inputs and outputs with sha256, settings, per-tensor types and
 //! quantization error). The same inputs give the same bytes whatever `--threads` is.
 
-use super::quantize::{report, write};
+use super::quantize::{report, write_on};
 use super::{set_threads, usage};
 use crate::checkpoint::{self, HfCheckpoint, InputKind};
 use crate::convert::{self, QuantOptions};
@@ -53,6 +53,10 @@ pub struct Args {
     /// Print the result as JSON on stdout (the manifest).
     #[arg(long)]
     pub json: bool,
+    /// Quantize on auto (the GPU when one is usable), cpu, or cuda (the GPU, or fail). The
+    /// bytes are the same either way.
+    #[arg(long, value_enum, default_value_t = crate::gpu::DeviceChoice::Auto)]
+    pub device: crate::gpu::DeviceChoice,
 }
 
 fn parse_ftype(s: &str) -> Result<Ftype, String> {
@@ -184,7 +188,11 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
             eprintln!("ftconv: note: {w}");
         }
     }
-    let summary = write(&plan, &gguf_path, quiet)?;
+    let (backend, device_line) = crate::gpu::select(a.device)?;
+    let summary = write_on(&plan, &gguf_path, quiet, &backend)?;
+    if let (Some(line), false) = (device_line, quiet) {
+        eprintln!("{line}");
+    }
     let mut f = AtomicFile::create(&modelfile_path)?;
     f.writer().write_all(modelfile_text.as_bytes())?;
     f.commit()?;

@@ -100,11 +100,8 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
                 a.to.name()
             )));
         }
-        Target::Nf4 | Target::Fp4 if !a.adapters.is_empty() => {
-            return Err(usage(format!(
-                "--adapter with --to {} is not available yet (merge to a folder first, then quantize it)",
-                a.to.name()
-            )));
+        Target::Nf4 | Target::Fp4 if !a.adapters.is_empty() && !a.dry_run => {
+            return run_bnb4_merged(a, quiet);
         }
         Target::Nf4 | Target::Fp4 => return run_bnb4(a, quiet),
     };
@@ -198,6 +195,46 @@ pub fn parse_size(s: &str) -> Option<u64> {
         _ => return None,
     };
     (x >= 0.0).then_some((x * mul) as u64)
+}
+
+/// `--to nf4|fp4 --adapter A…`: the adapters merged as `ftconv merge` does (into a temporary
+/// folder next to the output, removed afterwards), then that folder quantized — the same files as
+/// `ftconv merge` followed by `ftconv quantize --to nf4`.
+fn run_bnb4_merged(mut a: Args, quiet: bool) -> Result<()> {
+    let name = checkpoint::model_dir_name(&a.src);
+    let out = a
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{name}-{}", a.to.name())));
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        anyhow::bail!("{}: the output folder does not exist", parent.display());
+    }
+    let tmp = parent.join(format!(".ftconv-merged-{}", std::process::id()));
+    let margs = super::merge::Args {
+        base: a.src.clone(),
+        adapters: std::mem::take(&mut a.adapters),
+        output: tmp.clone(),
+        dtype: "auto".into(),
+        max_shard_size: "50GB".into(),
+        to: None,
+        pure: false,
+        threads: None,
+        dry_run: false,
+        json: false,
+        device: DeviceChoice::Cpu,
+    };
+    let merged = super::merge::run(margs, true);
+    let result = merged.and_then(|()| {
+        a.src = tmp.clone();
+        a.output = Some(out);
+        run_bnb4(a, quiet)
+    });
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
 }
 
 /// `--to nf4|fp4`: a pre-quantized bitsandbytes checkpoint folder.

@@ -1,0 +1,98 @@
+//! `quantize --to nf4 --adapter A` gives the same folder as `merge` then `quantize --to nf4`.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+fn write_adapter(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = serde_json::json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+        "target_modules": ["q_proj", "down_proj"], "bias": "none", "fan_in_fan_out": false,
+        "use_rslora": false, "use_dora": false
+    });
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let p = "base_model.model.model.layers.";
+    let mut t = vec![];
+    for l in 0..2u64 {
+        t.push((
+            format!("{p}{l}.self_attn.q_proj.lora_A.weight"),
+            vec![4, 256],
+            gaussian(4 * 256, 0.05, 30 + l),
+        ));
+        t.push((
+            format!("{p}{l}.self_attn.q_proj.lora_B.weight"),
+            vec![256, 4],
+            gaussian(256 * 4, 0.05, 40 + l),
+        ));
+        t.push((
+            format!("{p}{l}.mlp.down_proj.lora_A.weight"),
+            vec![4, 512],
+            gaussian(4 * 512, 0.05, 50 + l),
+        ));
+        t.push((
+            format!("{p}{l}.mlp.down_proj.lora_B.weight"),
+            vec![256, 4],
+            gaussian(256 * 4, 0.05, 60 + l),
+        ));
+    }
+    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = t
+        .iter()
+        .map(|(n, s, v)| (n.as_str(), s.clone(), v.clone()))
+        .collect();
+    std::fs::write(
+        dir.join("adapter_model.safetensors"),
+        f32_safetensors(&refs),
+    )
+    .unwrap();
+}
+
+#[test]
+fn nf4_with_adapter_equals_merge_then_quantize() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ad = tmp.path().join("ad");
+    write_adapter(&ad);
+    let base = fixture("tiny-llama");
+    let merged = tmp.path().join("merged");
+    let o = run(&[
+        "merge",
+        base.to_str().unwrap(),
+        ad.to_str().unwrap(),
+        "-o",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let two = tmp.path().join("two-step");
+    let o = run(&[
+        "quantize",
+        merged.to_str().unwrap(),
+        "--to",
+        "nf4",
+        "-o",
+        two.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let one = tmp.path().join("one-step");
+    let o = run(&[
+        "quantize",
+        base.to_str().unwrap(),
+        "--adapter",
+        ad.to_str().unwrap(),
+        "--to",
+        "nf4",
+        "-o",
+        one.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let files = list(&two);
+    assert_eq!(list(&one), files);
+    for f in &files {
+        assert_eq!(
+            std::fs::read(one.join(f)).unwrap(),
+            std::fs::read(two.join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+    // no temporary folder left behind
+    assert_eq!(list(tmp.path()), ["ad", "merged", "one-step", "two-step"]);
+}
