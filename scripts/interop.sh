@@ -13,7 +13,9 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 INTEROP=$ROOT/scripts/interop
 # shellcheck source=interop/setup.sh
+_interop_args=("$@"); set --   # setup.sh reads its own arguments
 source "$INTEROP/setup.sh"
+set -- "${_interop_args[@]}"
 
 echo "== interop: versions (pinned)"
 printf '%s\n' "$INTEROP_VERSIONS"
