@@ -11,6 +11,7 @@
 //! the scalar reference on random and edge-case blocks, and the reference against llama.cpp's
 //! golden bytes.
 
+use super::QK_K;
 use super::fp::nearest_int;
 
 /// Asymmetric fit `x ≈ scale·L + min`, `L ∈ [0, nmax]`, as llama.cpp's `make_qkx2_quants`.
@@ -653,6 +654,122 @@ pub mod avx2 {
             store(&mut out_min[v], _mm256_xor_ps(min[v], _mm256_set1_ps(-0.0)));
         }
         (out_scale, out_min)
+    }
+}
+
+/// A K-quant whose 8 sub-blocks of 32 are fit by [`make_qkx2_quants`] with `av_x + |x|`
+/// weights (Q4_K, Q5_K): its fit parameters and what it does after the fit.
+pub(crate) trait SubBlockFit {
+    /// Bytes per 256-value block.
+    const BYTES: usize;
+    const NMAX: i32;
+    const RMIN: f32;
+    const NSTEP: i32;
+    /// Scale codes, fp16 `d`/`dmin`, requantisation with the rounded scales, packing.
+    fn finish(
+        x: &[f32; QK_K],
+        scales: &[f32; 8],
+        mins: &[f32; 8],
+        l: &mut [u8; QK_K],
+        y: &mut [u8],
+    );
+}
+
+/// Quantize whole blocks, lane-parallel over sub-blocks (AVX2 when the CPU has it); byte for
+/// byte equal to [`quantize_fit_ref`].
+pub(crate) fn quantize_fit<T: SubBlockFit>(x: &[f32], y: &mut [u8]) {
+    assert_eq!(x.len() % QK_K, 0);
+    assert_eq!(y.len(), x.len() / QK_K * T::BYTES);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { quantize_fit_avx2::<T>(x, y) };
+            return;
+        }
+    }
+    quantize_fit_portable::<T>(x, y);
+}
+
+/// Super-blocks per AVX2 kernel call: `8·GROUP` lanes in `GROUP` interleaved vectors, which
+/// hides the latency of the reference's strictly sequential sums.
+#[cfg(target_arch = "x86_64")]
+const GROUP: usize = 2;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn quantize_fit_avx2<T: SubBlockFit>(x: &[f32], y: &mut [u8]) {
+    let mut xs = x.chunks_exact(GROUP * QK_K);
+    let mut ys = y.chunks_exact_mut(GROUP * T::BYTES);
+    for (xg, yg) in (&mut xs).zip(&mut ys) {
+        quantize_group_avx2::<T, GROUP>(xg, yg);
+    }
+    let (xr, yr) = (xs.remainder(), ys.into_remainder());
+    for (xb, yb) in xr.chunks_exact(QK_K).zip(yr.chunks_exact_mut(T::BYTES)) {
+        quantize_group_avx2::<T, 1>(xb, yb);
+    }
+}
+
+/// `V` consecutive super-blocks `x` (`V·256` values) into `y` (`V·T::BYTES` bytes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn quantize_group_avx2<T: SubBlockFit, const V: usize>(x: &[f32], y: &mut [u8]) {
+    let xb: [&[f32; QK_K]; V] =
+        std::array::from_fn(|v| x[v * QK_K..(v + 1) * QK_K].try_into().unwrap());
+    let mut l = [[0u8; QK_K]; V];
+    let (scales, mins) = fit_32x8_avx2::<V>(xb, T::NMAX, T::RMIN, T::NSTEP, &mut l);
+    for (v, yb) in y.chunks_exact_mut(T::BYTES).enumerate() {
+        T::finish(xb[v], &scales[v], &mins[v], &mut l[v], yb);
+    }
+}
+
+/// The portable (non-AVX2) lane version.
+pub(crate) fn quantize_fit_portable<T: SubBlockFit>(x: &[f32], y: &mut [u8]) {
+    for (xb, yb) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(T::BYTES)) {
+        let xb: &[f32; QK_K] = xb.try_into().unwrap();
+        let mut l = [0u8; QK_K];
+        let (scales, mins) = fit_32x8(xb, T::NMAX, T::RMIN, T::NSTEP, &mut l);
+        T::finish(xb, &scales, &mins, &mut l, yb);
+    }
+}
+
+/// The scalar reference: a direct transcription of `quantize_row_q4_K_ref` /
+/// `quantize_row_q5_K_ref` (one sub-block after the other).
+pub(crate) fn quantize_fit_ref<T: SubBlockFit>(x: &[f32], y: &mut [u8]) {
+    assert_eq!(x.len() % QK_K, 0);
+    assert_eq!(y.len(), x.len() / QK_K * T::BYTES);
+    for (xb, yb) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(T::BYTES)) {
+        let xb: &[f32; QK_K] = xb.try_into().unwrap();
+        let mut l = [0u8; QK_K];
+        let mut laux = [0u8; 32];
+        let mut w = [0f32; 32];
+        let mut scales = [0f32; 8];
+        let mut mins = [0f32; 8];
+        for j in 0..8 {
+            let xs = &xb[32 * j..32 * j + 32];
+            let mut sum_x2 = 0.0f32;
+            for &v in xs {
+                sum_x2 += v * v;
+            }
+            let av_x = (sum_x2 / 32.0).sqrt();
+            for (wi, &v) in w.iter_mut().zip(xs) {
+                *wi = av_x + v.abs();
+            }
+            let (s, m) = make_qkx2_quants(
+                T::NMAX,
+                xs,
+                &w,
+                &mut l[32 * j..32 * j + 32],
+                &mut laux,
+                T::RMIN,
+                0.1,
+                T::NSTEP,
+                false,
+            );
+            scales[j] = s;
+            mins[j] = m;
+        }
+        T::finish(xb, &scales, &mins, &mut l, yb);
     }
 }
 

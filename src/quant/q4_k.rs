@@ -3,119 +3,52 @@
 
 use super::QK_K;
 use super::fp::{nearest_int, read_f16, write_f16};
-#[cfg(target_arch = "x86_64")]
-use super::kquant::fit_32x8_avx2;
-use super::kquant::{fit_32x8, get_scale_min_k4, make_qkx2_quants, pack_k4_scales};
+#[cfg(test)]
+use super::kquant::quantize_fit_portable;
+use super::kquant::{
+    SubBlockFit, get_scale_min_k4, pack_k4_scales, quantize_fit, quantize_fit_ref,
+};
 
 /// Bytes per block.
 pub const BLOCK_BYTES: usize = 144;
+
+/// Q4_K's sub-block fit: `make_qkx2_quants(15, …, -1.0, 0.1, 20)` (`quantize_row_q4_K_ref`).
+pub(crate) struct Q4K;
+
+impl SubBlockFit for Q4K {
+    const BYTES: usize = BLOCK_BYTES;
+    const NMAX: i32 = 15;
+    const RMIN: f32 = -1.0;
+    const NSTEP: i32 = 20;
+    #[inline(always)]
+    fn finish(
+        x: &[f32; QK_K],
+        scales: &[f32; 8],
+        mins: &[f32; 8],
+        l: &mut [u8; QK_K],
+        y: &mut [u8],
+    ) {
+        finish_block(x, scales, mins, l, y.try_into().unwrap());
+    }
+}
 
 /// Quantize whole 256-value blocks of `x` into `y` (`x.len() / 256 * 144` bytes).
 ///
 /// Lane-parallel over the 8 sub-blocks of each super-block (AVX2 when the CPU has it), byte
 /// for byte equal to [`quantize_ref`].
 pub fn quantize(x: &[f32], y: &mut [u8]) {
-    assert_eq!(x.len() % QK_K, 0);
-    assert_eq!(y.len(), x.len() / QK_K * BLOCK_BYTES);
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            unsafe { quantize_avx2(x, y) };
-            return;
-        }
-    }
-    quantize_portable(x, y);
+    quantize_fit::<Q4K>(x, y);
 }
 
-/// Super-blocks per AVX2 kernel call: `8·GROUP` lanes in `GROUP` interleaved vectors, which
-/// hides the latency of the reference's strictly sequential sums.
-#[cfg(target_arch = "x86_64")]
-const GROUP: usize = 2;
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn quantize_avx2(x: &[f32], y: &mut [u8]) {
-    let mut xs = x.chunks_exact(GROUP * QK_K);
-    let mut ys = y.chunks_exact_mut(GROUP * BLOCK_BYTES);
-    for (xg, yg) in (&mut xs).zip(&mut ys) {
-        quantize_group_avx2::<GROUP>(xg, yg);
-    }
-    let (xr, yr) = (xs.remainder(), ys.into_remainder());
-    for (xb, yb) in xr.chunks_exact(QK_K).zip(yr.chunks_exact_mut(BLOCK_BYTES)) {
-        quantize_group_avx2::<1>(xb, yb);
-    }
-}
-
-/// `V` consecutive super-blocks `x` (`V·256` values) into `y` (`V·144` bytes).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn quantize_group_avx2<const V: usize>(x: &[f32], y: &mut [u8]) {
-    let xb: [&[f32; QK_K]; V] =
-        std::array::from_fn(|v| x[v * QK_K..(v + 1) * QK_K].try_into().unwrap());
-    let mut l = [[0u8; QK_K]; V];
-    let (scales, mins) = fit_32x8_avx2::<V>(xb, 15, -1.0, 20, &mut l);
-    for (v, yb) in y.chunks_exact_mut(BLOCK_BYTES).enumerate() {
-        finish_block(
-            xb[v],
-            &scales[v],
-            &mins[v],
-            &mut l[v],
-            yb.try_into().unwrap(),
-        );
-    }
-}
-
-#[inline(always)]
+/// The portable (non-AVX2) lane version.
+#[cfg(test)]
 pub(crate) fn quantize_portable(x: &[f32], y: &mut [u8]) {
-    for (xb, yb) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(BLOCK_BYTES)) {
-        let xb: &[f32; QK_K] = xb.try_into().unwrap();
-        let mut l = [0u8; QK_K];
-        let (scales, mins) = fit_32x8(xb, 15, -1.0, 20, &mut l);
-        finish_block(xb, &scales, &mins, &mut l, yb.try_into().unwrap());
-    }
+    quantize_fit_portable::<Q4K>(x, y);
 }
 
 /// The scalar reference: a direct transcription of `quantize_row_q4_K_ref`.
 pub fn quantize_ref(x: &[f32], y: &mut [u8]) {
-    assert_eq!(x.len() % QK_K, 0);
-    assert_eq!(y.len(), x.len() / QK_K * BLOCK_BYTES);
-    for (xb, yb) in x.chunks_exact(QK_K).zip(y.chunks_exact_mut(BLOCK_BYTES)) {
-        quantize_block(xb.try_into().unwrap(), yb.try_into().unwrap());
-    }
-}
-
-fn quantize_block(x: &[f32; QK_K], y: &mut [u8; BLOCK_BYTES]) {
-    let mut l = [0u8; QK_K];
-    let mut laux = [0u8; 32];
-    let mut w = [0f32; 32];
-    let mut scales = [0f32; 8];
-    let mut mins = [0f32; 8];
-    for j in 0..8 {
-        let xs = &x[32 * j..32 * j + 32];
-        let mut sum_x2 = 0.0f32;
-        for &v in xs {
-            sum_x2 += v * v;
-        }
-        let av_x = (sum_x2 / 32.0).sqrt();
-        for (wi, &v) in w.iter_mut().zip(xs) {
-            *wi = av_x + v.abs();
-        }
-        let (s, m) = make_qkx2_quants(
-            15,
-            xs,
-            &w,
-            &mut l[32 * j..32 * j + 32],
-            &mut laux,
-            -1.0,
-            0.1,
-            20,
-            false,
-        );
-        scales[j] = s;
-        mins[j] = m;
-    }
-    finish_block(x, &scales, &mins, &mut l, y);
+    quantize_fit_ref::<Q4K>(x, y);
 }
 
 /// Everything after the sub-block fits: 6-bit scale codes, fp16 `d`/`dmin`, requantisation
