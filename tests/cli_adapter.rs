@@ -5,23 +5,12 @@
 mod common;
 use common::*;
 use ftconv::gguf::GgufFile;
-use std::path::Path;
 
 const H: usize = 256; // tiny-llama hidden
 const HEADS: usize = 4;
 const KV_HEADS: usize = 2;
 const HEAD_DIM: usize = 64;
 const VOCAB: usize = 512;
-
-fn write_adapter(dir: &Path, config: serde_json::Value, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
-    std::fs::write(
-        dir.join("adapter_model.safetensors"),
-        f32_safetensors(tensors),
-    )
-    .unwrap();
-}
 
 fn f32s(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
@@ -106,12 +95,6 @@ fn tensors(r: usize) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     ]
 }
 
-fn as_refs(t: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<(&str, Vec<usize>, Vec<f32>)> {
-    t.iter()
-        .map(|(n, s, v)| (n.as_str(), s.clone(), v.clone()))
-        .collect()
-}
-
 fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut t = vec![0f32; w.len()];
     for i in 0..rows {
@@ -128,7 +111,7 @@ fn plain_lora_layout_and_values() {
     let ad = tmp.path().join("my-adapter");
     let r = 8;
     let ts = tensors(r);
-    write_adapter(&ad, config(serde_json::json!({})), &as_refs(&ts));
+    write_f32_adapter(&ad, &config(serde_json::json!({})), &ts);
     let out = tmp.path().join("a.gguf");
     let o = run(&[
         "adapter",
@@ -219,10 +202,10 @@ fn rslora_scale_is_folded_into_b() {
     let ad = tmp.path().join("rs");
     let r = 8;
     let ts = tensors(r);
-    write_adapter(
+    write_f32_adapter(
         &ad,
-        config(serde_json::json!({"use_rslora": true, "alpha_pattern": {"v_proj": 4}})),
-        &as_refs(&ts),
+        &config(serde_json::json!({"use_rslora": true, "alpha_pattern": {"v_proj": 4}})),
+        &ts,
     );
     let out = tmp.path().join("a.gguf");
     let o = run(&[
@@ -253,7 +236,7 @@ fn f16_and_q8_0_storage() {
     let tmp = tempfile::tempdir().unwrap();
     let ad = tmp.path().join("ad");
     let r = 8;
-    write_adapter(&ad, config(serde_json::json!({})), &as_refs(&tensors(r)));
+    write_f32_adapter(&ad, &config(serde_json::json!({})), &tensors(r));
     for (to, a_type, b_type) in [("f16", 1u32, 1u32), ("q8_0", 8, 1), ("bf16", 30, 30)] {
         let out = tmp.path().join(format!("{to}.gguf"));
         let o = run(&[
@@ -294,11 +277,7 @@ fn refuses_dora_and_full_weights() {
         vec![H],
         vec![1.0; H],
     ));
-    write_adapter(
-        &ad,
-        config(serde_json::json!({"use_dora": true})),
-        &as_refs(&ts),
-    );
+    write_f32_adapter(&ad, &config(serde_json::json!({"use_dora": true})), &ts);
     let out = tmp.path().join("x.gguf");
     let o = run(&[
         "adapter",
@@ -318,10 +297,10 @@ fn refuses_dora_and_full_weights() {
         vec![VOCAB, H],
         vec![0.0; VOCAB * H],
     ));
-    write_adapter(
+    write_f32_adapter(
         &ad2,
-        config(serde_json::json!({"modules_to_save": ["lm_head"]})),
-        &as_refs(&ts),
+        &config(serde_json::json!({"modules_to_save": ["lm_head"]})),
+        &ts,
     );
     let o = run(&[
         "adapter",

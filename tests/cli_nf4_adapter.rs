@@ -6,13 +6,11 @@ use common::*;
 use std::path::Path;
 
 fn write_adapter(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
     let cfg = serde_json::json!({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
         "target_modules": ["q_proj", "down_proj", "embed_tokens"], "bias": "none", "fan_in_fan_out": false,
         "use_rslora": false, "use_dora": false
     });
-    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
     let p = "base_model.model.model.layers.";
     let mut t = vec![];
     for l in 0..2u64 {
@@ -48,15 +46,7 @@ fn write_adapter(dir: &Path) {
         vec![256, 4],
         gaussian(256 * 4, 0.05, 71),
     ));
-    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = t
-        .iter()
-        .map(|(n, s, v)| (n.as_str(), s.clone(), v.clone()))
-        .collect();
-    std::fs::write(
-        dir.join("adapter_model.safetensors"),
-        f32_safetensors(&refs),
-    )
-    .unwrap();
+    write_f32_adapter(dir, &cfg, &t);
 }
 
 #[test]

@@ -13,13 +13,11 @@ fn sha(p: &Path) -> String {
 }
 
 fn write_adapter(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
     let cfg = serde_json::json!({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
         "target_modules": ["q_proj", "v_proj"], "bias": "none", "fan_in_fan_out": false,
         "use_rslora": false, "use_dora": false, "base_model_name_or_path": "tiny-llama"
     });
-    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
     let p = "base_model.model.model.layers.";
     let mut t = vec![];
     for l in 0..2 {
@@ -36,15 +34,7 @@ fn write_adapter(dir: &Path) {
             ));
         }
     }
-    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = t
-        .iter()
-        .map(|(n, s, v)| (n.as_str(), s.clone(), v.clone()))
-        .collect();
-    std::fs::write(
-        dir.join("adapter_model.safetensors"),
-        f32_safetensors(&refs),
-    )
-    .unwrap();
+    write_f32_adapter(dir, &cfg, &t);
 }
 
 #[test]

@@ -42,7 +42,8 @@ pub struct Args {
     pub conversation: Option<PathBuf>,
 }
 
-fn parse_param(s: &str) -> Result<(String, String)> {
+/// `--param NAME=VALUE`, checked against the names and value types Ollama accepts.
+pub fn parse_param(s: &str) -> Result<(String, String)> {
     let (n, v) = s
         .split_once('=')
         .ok_or_else(|| usage(format!("--param {s:?}: expected NAME=VALUE")))?;

@@ -153,14 +153,11 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
 
     // the Modelfile is derived (and its template proved) before anything is written
     let info = source::from_hf_dir(&a.base)?;
-    let mut params = vec![];
-    for p in &a.params {
-        let (n, v) = p
-            .split_once('=')
-            .ok_or_else(|| usage(format!("--param {p:?}: expected NAME=VALUE")))?;
-        modelfile::check_parameter(n, v).map_err(|e| usage(format!("--param {p:?}: {e}")))?;
-        params.push((n.to_string(), v.to_string()));
-    }
+    let params = a
+        .params
+        .iter()
+        .map(|p| super::ollama::parse_param(p))
+        .collect::<Result<Vec<_>>>()?;
     let license = source::find_license(&a.base)
         .map(|p| {
             std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))

@@ -115,3 +115,22 @@ pub fn gaussian(n: usize, std: f32, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// A PEFT adapter folder: `adapter_config.json` and `adapter_model.safetensors` of F32 tensors.
+pub fn write_f32_adapter(
+    dir: &Path,
+    config: &serde_json::Value,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = tensors
+        .iter()
+        .map(|(n, s, v)| (n.as_str(), s.clone(), v.clone()))
+        .collect();
+    std::fs::write(
+        dir.join("adapter_model.safetensors"),
+        f32_safetensors(&refs),
+    )
+    .unwrap();
+}
