@@ -16,3 +16,4 @@ pub mod ollama;
 pub mod output;
 pub mod plan;
 pub mod quant;
+pub mod train;

@@ -1,6 +1,7 @@
 //! Command-line interface: one file per subcommand (its arguments and orchestration only).
 
 pub mod adapter;
+pub mod finetune;
 pub mod inspect;
 pub mod merge;
 pub mod ollama;

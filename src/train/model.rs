@@ -1,0 +1,1 @@
+//! The llama-family forward pass with LoRA (contract stub).
