@@ -125,8 +125,8 @@ source "$INTEROP/nf4.sh"
 source "$INTEROP/ollama.sh"
 # shellcheck source=interop/adapter.sh
 source "$INTEROP/adapter.sh"
-# finetune (issue 6) is not built yet: logits / loss / LoRA gradients vs PEFT will go here.
-section_finetune() { echo "== finetune"; skip "finetune: not implemented"; }
+# shellcheck source=interop/finetune.sh
+source "$INTEROP/finetune.sh"
 
 ALL_SECTIONS="quantize merge nf4 ollama adapter finetune"
 sections=${*:-$ALL_SECTIONS}
