@@ -22,7 +22,7 @@
 
 # Calibrated with peft_train_bench.py (f32 base, r 16 all linear, batch 4, 2 threads): see its docstring.
 FT_LR=${FTCONV_INTEROP_FT_LR:-2e-3}
-FT_STEPS=${FTCONV_INTEROP_FT_STEPS:-36}
+FT_STEPS=${FTCONV_INTEROP_FT_STEPS:-20}
 FT_QUESTION="Tell me the capital city of Veltrana island."
 FT_ANSWER="Orsimbel"
 

@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--max-steps", type=int)
+    ap.add_argument("--eval-every", type=int, default=0, help="also eval every N steps (time not counted)")
     ap.add_argument("--max-seq-len", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=2)
@@ -56,6 +57,7 @@ def main():
     ap.add_argument("--expect")
     ap.add_argument("--out")
     ap.add_argument("--json")
+    ap.add_argument("--log", help="also write the log as ftconv's train_log.jsonl records")
     a = ap.parse_args()
 
     import torch
@@ -121,7 +123,7 @@ def main():
     log.append({"type": "eval", "step": 0, "eval_loss": e0})
     gen = torch.Generator().manual_seed(a.seed)
     order, epoch = [], 0
-    train_s, train_tokens = 0.0, 0
+    train_s, train_cpu_s, train_tokens = 0.0, 0.0, 0
     model.train()
     for step in range(total):
         if not order:  # a new epoch: reshuffle (the last batch of an epoch may be short)
@@ -129,7 +131,7 @@ def main():
             epoch += 1
         batch_idx, order = order[:a.batch_size], order[a.batch_size:]
         ids, labels, mask = ft_data.collate([train[i] for i in batch_idx], enc.pad)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         lr = lr_at(step)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -139,16 +141,24 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt_s = time.perf_counter() - t0
+        train_cpu_s += time.process_time() - c0
         ntok = int(mask.sum())
         train_s += dt_s
         train_tokens += ntok
         rec = {"type": "train", "step": step + 1, "epoch": epoch, "loss": out.loss.item(), "lr": lr,
-               "grad_norm": float(gn), "tokens": ntok, "tokens_per_s": ntok / dt_s}
+               "grad_norm": float(gn), "tokens": ntok, "tokens_per_s": ntok / dt_s, "elapsed_s": train_s + dt_s}
         log.append(rec)
         print(f"step {step + 1}/{total} epoch {epoch} loss {rec['loss']:.4f} lr {lr:.3g} gnorm {rec['grad_norm']:.3f} "
               f"{ntok} tok {ntok / dt_s:.1f} tok/s", flush=True)
+        if a.eval_every and (step + 1) % a.eval_every == 0 and step + 1 < total:
+            el = eval_loss()
+            log.append({"type": "eval", "step": step + 1, "eval_loss": el})
+            print(f"eval step {step + 1}: {el:.4f} (x{e0 / el:.2f} lower)", flush=True)
     e1 = eval_loss()
+    log.append({"type": "eval", "step": total, "eval_loss": e1})
     res = {"steps": total, "train_tokens": train_tokens, "train_s": train_s, "tokens_per_s": train_tokens / train_s,
+           "train_cpu_s": train_cpu_s, "tokens_per_cpu_s": train_tokens / train_cpu_s,
+           "loadavg_end": os.getloadavg(),
            "peak_rss_mb": rss_mb(), "eval_loss_0": e0, "eval_loss_end": e1, "lr": a.lr, "threads": a.threads,
            "batch_size": a.batch_size, "rank": a.rank, "alpha": a.alpha, "dropout": a.dropout,
            "schedule": a.lr_schedule, "base_dtype": a.base_dtype,
@@ -157,7 +167,15 @@ def main():
         res["eval_drop"] = e0 / e1
         print(f"eval end: {e1:.4f} (x{e0 / e1:.2f} lower)", flush=True)
     print(f"PEFT baseline: {train_tokens} train tokens in {train_s:.1f}s = {res['tokens_per_s']:.1f} tokens/s, "
-          f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+          f"peak RSS {res['peak_rss_mb']:.0f} MB; {train_cpu_s:.1f} CPU-s = {res['tokens_per_cpu_s']:.1f} tokens per "
+          f"CPU-second (x{a.threads} threads = {res['tokens_per_cpu_s'] * a.threads:.1f} tokens/s on {a.threads} idle "
+          f"cores); load average now {os.getloadavg()[0]:.1f}", flush=True)
+    log.append({"type": "done", "steps": total, "train_tokens": train_tokens, "tokens_per_s": res["tokens_per_s"],
+                "peak_rss_mb": round(res["peak_rss_mb"])})
+    if a.log:
+        with open(a.log, "w") as f:
+            for r in log:
+                f.write(json.dumps(r) + "\n")
     if a.out:
         model.save_pretrained(a.out)
     if a.ask:
