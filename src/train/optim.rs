@@ -365,10 +365,12 @@ fn to_host(t: &Tensor) -> Result<Vec<f32>> {
 // Gradient clipping
 // ---------------------------------------------------------------------------------------------
 
-/// `torch.nn.utils.clip_grad_norm_(norm_type=2)`: the global L2 norm over all gradients is
-/// returned (before clipping); when `max_norm > 0` every gradient is multiplied by
-/// `min(1, max_norm / (norm + 1e-6))` (no-op when that is 1). The norm is accumulated in f64
-/// (torch: f32 per-tensor norms, then the norm of those); the factor is applied in f32.
+/// `torch.nn.utils.clip_grad_norm_(norm_type=2)`: returns the global L2 norm over all gradients
+/// (before clipping); when `max_norm > 0` every gradient is multiplied by
+/// `min(1, max_norm / (norm + 1e-6))` (skipped when that is 1, which torch multiplies by).
+/// The norm is accumulated in f64 and returned unrounded; the factor is computed in f32 as
+/// torch does from its f32 norm: `(norm + 1e-6).reciprocal() * max_norm` (Python's
+/// `float / tensor` is `reciprocal() * float`), then applied in f32.
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let mut sum = 0f64;
     for g in grads.iter() {
@@ -378,11 +380,10 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     }
     let norm = sum.sqrt();
     if max_norm > 0.0 {
-        let coef = max_norm / (norm + 1e-6);
+        let coef = (1.0f32 / (norm as f32 + 1e-6f32)) * max_norm as f32;
         if coef < 1.0 {
-            let c = coef as f32 as f64;
             for g in grads.iter_mut() {
-                *g = g.affine(c, 0.0)?;
+                *g = g.affine(coef as f64, 0.0)?;
             }
         }
     }
@@ -626,6 +627,41 @@ mod tests {
     #[test]
     fn adamw_matches_f64_reference_with_weight_decay() {
         check_against_reference(cfg_wd(), &[5e-2, 5e-2, 2e-2]);
+    }
+
+    #[test]
+    fn adamw_large_parameter_matches_reference() {
+        // More elements than one parallel chunk (1 << 14), with a ragged last chunk.
+        let n = 40_003;
+        let p0: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 256.0)
+            .collect();
+        let gs: Vec<Vec<f32>> = (0..2)
+            .map(|k| {
+                (0..n)
+                    .map(|i| (((i * 31 + k * 17) % 101) as f32 - 50.0) / 512.0)
+                    .collect()
+            })
+            .collect();
+        let cfg = cfg_wd();
+        let lrs = [1e-2, 5e-3];
+        let params = vec![("w".to_string(), var(&p0))];
+        let mut opt = AdamW::for_vars(&params, cfg).unwrap();
+        for (g, &lr) in gs.iter().zip(&lrs) {
+            opt.step(&params, &[t(g)], lr).unwrap();
+        }
+        let p64: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
+        let g64: Vec<Vec<f64>> = gs
+            .iter()
+            .map(|g| g.iter().map(|&x| x as f64).collect())
+            .collect();
+        let want = reference(&p64, &g64, &lrs, cfg);
+        for (i, (a, b)) in vals(&params[0].1).iter().zip(&want).enumerate() {
+            assert!(
+                (*a as f64 - b).abs() <= 2e-6 * b.abs().max(1e-2),
+                "element {i}: {a} vs {b}"
+            );
+        }
     }
 
     #[test]
@@ -1019,12 +1055,44 @@ mod tests {
         let mut g = vec![t(&[3.0, 4.0]), t(&[12.0])];
         let n = clip_grad_norm(&mut g, 6.5).unwrap();
         assert_eq!(n, 13.0);
-        let c = (6.5f64 / (13.0 + 1e-6)) as f32;
+        let c = (1.0f32 / (13.0 + 1e-6f32)) * 6.5;
         assert_eq!(g[0].to_vec1::<f32>().unwrap(), vec![3.0 * c, 4.0 * c]);
         assert_eq!(g[1].to_vec1::<f32>().unwrap(), vec![12.0 * c]);
         // The clipped norm is max_norm (up to the 1e-6 and f32 rounding).
         let n2 = clip_grad_norm(&mut g, 0.0).unwrap();
         assert!((n2 - 6.5).abs() < 1e-5, "{n2}");
+    }
+
+    #[test]
+    fn clip_grad_norm_matches_torch() {
+        // torch 2.15 CPU: grads [3, 4], [12], [0.1, -0.7, 1e-3] (f32) on three parameters,
+        // `torch.nn.utils.clip_grad_norm_(params, max_norm)`; the norm was 13.019216537475586
+        // (0x41504eb6) and the clipped gradients, as f32 bits, were:
+        let cases: [(f64, [u32; 6]); 2] = [
+            (
+                6.5,
+                [
+                    0x3fbfb773, 0x3fff9f44, 0x40bfb773, 0x3d4c7f6a, 0xbeb2ef7c, 0x3a02e0e8,
+                ],
+            ),
+            (
+                0.3,
+                [
+                    0x3d8d934a, 0x3dbcc462, 0x3e8d934a, 0x3b170382, 0xbc842311, 0x37c14c2c,
+                ],
+            ),
+        ];
+        for (max_norm, want) in cases {
+            let mut g = vec![t(&[3.0, 4.0]), t(&[12.0]), t(&[0.1, -0.7, 1e-3])];
+            let n = clip_grad_norm(&mut g, max_norm).unwrap();
+            assert_eq!((n as f32).to_bits(), 0x41504eb6);
+            let got: Vec<u32> = g
+                .iter()
+                .flat_map(|x| x.to_vec1::<f32>().unwrap())
+                .map(f32::to_bits)
+                .collect();
+            assert_eq!(got, want, "max_norm {max_norm}");
+        }
     }
 
     #[test]
