@@ -29,6 +29,8 @@ use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 pub use crate::cli::finetune::Schedule;
 
@@ -543,6 +545,40 @@ pub fn kaiming_uniform_a(rows: usize, cols: usize, seed: u64, key: &[u64]) -> Ve
     (0..rows * cols)
         .map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32)
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ctrl-C
+// ---------------------------------------------------------------------------------------------
+
+/// Exit status after a second Ctrl-C (128 + SIGINT, as a shell reports it).
+pub const INTERRUPT_EXIT_STATUS: i32 = 130;
+
+/// Install the process's Ctrl-C (SIGINT) handler and return its flag: the first Ctrl-C sets the
+/// flag (the training loop checks it, saves a checkpoint and stops); a second one exits at
+/// once with status 130. Calling it again returns the same flag (the handler is installed
+/// once per process).
+pub fn install_interrupt_flag() -> Result<Arc<AtomicBool>> {
+    static INSTALLED: Mutex<Option<Arc<AtomicBool>>> = Mutex::new(None);
+    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(flag) = installed.as_ref() {
+        return Ok(flag.clone());
+    }
+    let flag = Arc::new(AtomicBool::new(false));
+    let handler_flag = flag.clone();
+    ctrlc::set_handler(move || {
+        if handler_flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nftconv: interrupted again, exiting now (no checkpoint)");
+            std::process::exit(INTERRUPT_EXIT_STATUS);
+        }
+        eprintln!(
+            "\nftconv: interrupted, stopping after the current step and saving a checkpoint \
+             (Ctrl-C again to exit at once)"
+        );
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    *installed = Some(flag.clone());
+    Ok(flag)
 }
 
 #[cfg(test)]
@@ -1259,5 +1295,24 @@ mod tests {
         let d = dropout_mask(8, 0.5, 42, &[0]);
         let k = kaiming_uniform_a(1, 8, 42, &[0]);
         assert!(d.iter().zip(&k).all(|(x, y)| x != y));
+    }
+
+    #[test]
+    fn interrupt_flag_is_set_by_sigint() {
+        let a = install_interrupt_flag().unwrap();
+        let b = install_interrupt_flag().unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!a.load(Ordering::SeqCst));
+        // One SIGINT to this test process: the handler sets the flag (a second would exit).
+        let st = std::process::Command::new("kill")
+            .args(["-INT", &std::process::id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let t0 = std::time::Instant::now();
+        while !a.load(Ordering::SeqCst) {
+            assert!(t0.elapsed().as_secs() < 10, "SIGINT did not set the flag");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 }
