@@ -862,6 +862,16 @@ mod tests {
         d
     }
 
+    /// name, p0, grads, config, lrs, torch's p / exp_avg / exp_avg_sq bits.
+    type TorchCase<'a> = (
+        &'a str,
+        &'a [f32],
+        Vec<Vec<f32>>,
+        AdamWConfig,
+        [f64; 3],
+        [&'a [u32]; 3],
+    );
+
     #[test]
     fn adamw_matches_torch() {
         let p40: Vec<f32> = (0..40).map(|i| ((i * 37 % 23) - 11) as f32 / 8.0).collect();
@@ -872,14 +882,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        let cases: [(
-            &str,
-            &[f32],
-            Vec<Vec<f32>>,
-            AdamWConfig,
-            [f64; 3],
-            [&[u32]; 3],
-        ); 4] = [
+        let cases: [TorchCase; 4] = [
             (
                 "5 nowd",
                 &P0,
@@ -969,8 +972,8 @@ mod tests {
         let shapes = vec![vec![4], vec![2]];
         let mut c = AdamW::load(&path, &names, &shapes, cfg).unwrap();
         assert_eq!(c.t, 1);
-        for k in 1..3 {
-            c.step(&fresh, &grads_for(k), lrs[k]).unwrap();
+        for (k, &lr) in lrs.iter().enumerate().skip(1) {
+            c.step(&fresh, &grads_for(k), lr).unwrap();
         }
         assert_eq!(c, a);
         for ((_, x), (_, y)) in straight.iter().zip(&fresh) {
@@ -1052,7 +1055,7 @@ mod tests {
         safetensors::serialize_to_file([("w", view)], None, &other).unwrap();
         let e = format!(
             "{:#}",
-            AdamW::load(&other, &[a.clone()], &[vec![4]], cfg).unwrap_err()
+            AdamW::load(&other, std::slice::from_ref(&a), &[vec![4]], cfg).unwrap_err()
         );
         assert!(
             e.contains("adapter.safetensors") && e.contains("\"step\""),
