@@ -11,8 +11,7 @@
 //! * scalar factors are computed in f64 (torch computes them as Python floats) and rounded to
 //!   f32 where torch hands them to an f32 kernel: `1 − lr·wd`, `1 − β1`, `β2`, `1 − β2`,
 //!   `√(1 − β2^t)`, `ε`, `−lr/(1 − β1^t)`;
-//! * the bias corrections `1 − β^t` are f64 (`β ** step` in Python), `t` being an exact integer.
-//!
+//! * the bias corrections `1 − β^t` are f64 (`β ** step` in Python), `t` being an exact integer;
 //! * torch's CPU kernels are built with FMA contraction: `lerp_` is one FMA
 //!   (`m + w·(g − m)` rounded once) and `addcmul_` rounds `(1−β2)·g` then fuses `·g + v·β2`;
 //!   we do the same with `f32::mul_add`;
