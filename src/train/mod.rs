@@ -12,4 +12,5 @@ pub mod data;
 pub mod model;
 #[cfg(feature = "train")]
 pub mod optim;
-// #[cfg(feature = "train")] pub mod run; (enabled once optim and data land) (enabled once optim and data land)
+#[cfg(feature = "train")]
+pub mod run;

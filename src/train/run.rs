@@ -8,7 +8,9 @@
 //! `checkpoint-N` (adapter weights + AdamW state + step) computes what the uninterrupted run did.
 
 use super::data::{self, DataOptions, IGNORE, Sample, TextEncoder};
-use super::model::{ALL_TARGETS, BaseDtype, DropoutSource, LoraInit, LoraSpec, Model, causal_lm_loss};
+use super::model::{
+    ALL_TARGETS, BaseDtype, DropoutSource, LoraInit, LoraSpec, Model, causal_lm_loss,
+};
 use super::optim::{self, AdamW, AdamWConfig};
 use crate::checkpoint::HfCheckpoint;
 use crate::checkpoint::safetensors::StFile;
@@ -18,7 +20,6 @@ use crate::output::AtomicFile;
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::{Device, Tensor};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -37,11 +38,6 @@ pub fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-fn sha256_file(p: &Path) -> Result<String> {
-    let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read", p.display()))?;
-    Ok(format!("{:x}", Sha256::digest(&bytes)))
-}
-
 /// Trained (shifted) label count of a sample.
 fn n_trained(s: &Sample) -> usize {
     s.labels.iter().skip(1).filter(|&&l| l != IGNORE).count()
@@ -57,7 +53,12 @@ struct Batch {
 }
 
 fn collate(rows: &[&Sample], pad: u32, dev: &Device) -> Result<Batch> {
-    let t = rows.iter().map(|s| s.input_ids.len()).max().unwrap_or(1).max(1);
+    let t = rows
+        .iter()
+        .map(|s| s.input_ids.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let mut ids = Vec::with_capacity(rows.len() * t);
     let mut labels = Vec::new();
     let mut mask = Vec::new();
@@ -98,7 +99,8 @@ impl DropoutSource for StepDropout {
         Some(optim::dropout_mask(
             len,
             self.p,
-            &[self.seed, 0xd0, self.step, self.micro, module as u64],
+            self.seed,
+            &[self.step, self.micro, module as u64],
         ))
     }
 }
@@ -106,14 +108,18 @@ impl DropoutSource for StepDropout {
 /// LoRA settings of an existing PEFT adapter folder.
 fn adapter_spec(dir: &Path, dropout: f64) -> Result<LoraSpec> {
     let p = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+    let text =
+        std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
     let v: Value =
         serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", p.display()))?;
     let get = |k: &str| v.get(k).filter(|x| !x.is_null());
     if let Some(t) = get("peft_type").and_then(Value::as_str)
         && t != "LORA"
     {
-        bail!("{}: peft_type {t:?}; only LORA adapters can be trained", p.display());
+        bail!(
+            "{}: peft_type {t:?}; only LORA adapters can be trained",
+            p.display()
+        );
     }
     if get("use_dora").and_then(Value::as_bool) == Some(true) {
         bail!("{}: DoRA adapters cannot be trained by ftconv", p.display());
@@ -139,7 +145,10 @@ fn adapter_spec(dir: &Path, dropout: f64) -> Result<LoraSpec> {
         ),
     };
     for k in ["rank_pattern", "alpha_pattern"] {
-        if get(k).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+        if get(k)
+            .and_then(Value::as_object)
+            .is_some_and(|m| !m.is_empty())
+        {
             bail!("{}: {k} is not supported for training", p.display());
         }
     }
@@ -149,7 +158,11 @@ fn adapter_spec(dir: &Path, dropout: f64) -> Result<LoraSpec> {
         .map(|s| s.to_string())
         .collect();
     if t.is_empty() {
-        bail!("{}: target_modules names none of {}", p.display(), ALL_TARGETS.join(", "));
+        bail!(
+            "{}: target_modules names none of {}",
+            p.display(),
+            ALL_TARGETS.join(", ")
+        );
     }
     t.dedup();
     Ok(LoraSpec {
@@ -162,7 +175,13 @@ fn adapter_spec(dir: &Path, dropout: f64) -> Result<LoraSpec> {
 }
 
 /// Read `(A, B)` of a module from an adapter folder.
-fn adapter_weights(st: &StFile, path: &str, out: usize, inp: usize, r: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+fn adapter_weights(
+    st: &StFile,
+    path: &str,
+    out: usize,
+    inp: usize,
+    r: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let read = |suffix: &str, shape: [usize; 2]| -> Result<Vec<f32>> {
         let key = format!("base_model.model.{path}.{suffix}.weight");
         let t = st
@@ -188,10 +207,20 @@ fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 /// Write `name → (shape, f32 data)` tensors as safetensors (metadata format=pt) atomically.
-fn write_f32_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)], extra: &[(String, Vec<usize>, Vec<i64>)]) -> Result<()> {
+fn write_f32_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    extra: &[(String, Vec<usize>, Vec<i64>)],
+) -> Result<()> {
     use safetensors::{Dtype, tensor::TensorView};
-    let f32_bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| bytemuck::cast_slice(v).to_vec()).collect();
-    let i64_bytes: Vec<Vec<u8>> = extra.iter().map(|(_, _, v)| bytemuck::cast_slice(v).to_vec()).collect();
+    let f32_bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| bytemuck::cast_slice(v).to_vec())
+        .collect();
+    let i64_bytes: Vec<Vec<u8>> = extra
+        .iter()
+        .map(|(_, _, v)| bytemuck::cast_slice(v).to_vec())
+        .collect();
     let mut views = Vec::new();
     for ((n, s, _), b) in tensors.iter().zip(&f32_bytes) {
         views.push((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?));
@@ -199,7 +228,8 @@ fn write_f32_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]
     for ((n, s, _), b) in extra.iter().zip(&i64_bytes) {
         views.push((n.clone(), TensorView::new(Dtype::I64, s.clone(), b)?));
     }
-    let md: std::collections::HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let md: std::collections::HashMap<String, String> =
+        [("format".to_string(), "pt".to_string())].into();
     let bytes = safetensors::serialize(views, Some(md))?;
     let mut f = AtomicFile::create(path)?;
     f.write_all(&bytes)
@@ -376,7 +406,11 @@ fn probe(model: &Model, rows: &[Sample], bs: usize, pad: u32, out: &Path) -> Res
     let loss = causal_lm_loss(&logits, &b.labels, n_items)?;
     let gs = loss.backward()?;
     let mut ts = vec![
-        ("logits".to_string(), logits.dims().to_vec(), to_vec(&logits)?),
+        (
+            "logits".to_string(),
+            logits.dims().to_vec(),
+            to_vec(&logits)?,
+        ),
         ("loss".to_string(), vec![1], vec![loss.to_scalar::<f32>()?]),
     ];
     for (k, v) in &params {
@@ -386,7 +420,13 @@ fn probe(model: &Model, rows: &[Sample], bs: usize, pad: u32, out: &Path) -> Res
         ts.push((format!("grad.{k}"), g.dims().to_vec(), to_vec(g)?));
     }
     let (bsz, t) = b.ids.dims2()?;
-    let ids: Vec<i64> = b.ids.flatten_all()?.to_vec1::<u32>()?.into_iter().map(i64::from).collect();
+    let ids: Vec<i64> = b
+        .ids
+        .flatten_all()?
+        .to_vec1::<u32>()?
+        .into_iter()
+        .map(i64::from)
+        .collect();
     let extra = vec![
         ("input_ids".to_string(), vec![bsz, t], ids),
         ("labels".to_string(), vec![bsz, t], b.labels.concat()),
@@ -423,14 +463,21 @@ fn device_for(choice: crate::gpu::DeviceChoice, quiet: bool) -> Result<Device> {
             ));
         }
         if choice == DeviceChoice::Auto && !quiet {
-            eprintln!("ftconv: CUDA unavailable for training (built without the candle-cuda feature); using the CPU");
+            eprintln!(
+                "ftconv: CUDA unavailable for training (built without the candle-cuda feature); using the CPU"
+            );
         }
     }
     Ok(Device::Cpu)
 }
 
 pub fn run(a: &Args, quiet: bool) -> Result<()> {
-    for (flag, v) in [("--batch-size", a.batch_size), ("--grad-accum", a.grad_accum), ("--rank", a.rank), ("--max-seq-len", a.max_seq_len)] {
+    for (flag, v) in [
+        ("--batch-size", a.batch_size),
+        ("--grad-accum", a.grad_accum),
+        ("--rank", a.rank),
+        ("--max-seq-len", a.max_seq_len),
+    ] {
         if v == 0 {
             return Err(usage(format!("{flag} must be at least 1")));
         }
@@ -461,7 +508,11 @@ pub fn run(a: &Args, quiet: bool) -> Result<()> {
         let n = rows.len();
         let kept: Vec<Sample> = rows.into_iter().filter(|s| n_trained(s) > 0).collect();
         if kept.is_empty() {
-            bail!("{}: no row has a token to train on (after truncation to --max-seq-len {})", p.display(), a.max_seq_len);
+            bail!(
+                "{}: no row has a token to train on (after truncation to --max-seq-len {})",
+                p.display(),
+                a.max_seq_len
+            );
         }
         if kept.len() < n && !quiet {
             eprintln!(
@@ -489,7 +540,11 @@ pub fn run(a: &Args, quiet: bool) -> Result<()> {
             rslora: a.rslora,
             dropout: a.dropout,
             targets: match &a.targets {
-                Some(t) => t.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+                Some(t) => t
+                    .iter()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
                 None => ALL_TARGETS.iter().map(|s| s.to_string()).collect(),
             },
         },
@@ -503,7 +558,7 @@ pub fn run(a: &Args, quiet: bool) -> Result<()> {
     let per_step = a.batch_size * a.grad_accum;
     let steps_per_epoch = train.len().div_ceil(per_step);
     let total = a.max_steps.unwrap_or(steps_per_epoch * a.epochs);
-    let data_sha = sha256_file(&a.data)?;
+    let data_sha = crate::cli::package::sha256_file(&a.data)?;
     let identity = run_identity(a, &data_sha, train.len(), total, &spec);
 
     if a.dry_run {
@@ -540,7 +595,9 @@ pub fn run(a: &Args, quiet: bool) -> Result<()> {
     }
 
     let seed = a.seed;
-    let a_init = move |module: usize, r: usize, inp: usize| optim::kaiming_uniform_a(r, inp, &[seed, 0xa1, module as u64]);
+    let a_init = move |module: usize, r: usize, inp: usize| {
+        optim::kaiming_uniform_a(r, inp, seed, &[module as u64])
+    };
     let st = match from_dir {
         Some(d) => Some(StFile::open(&d.join(ADAPTER_FILE))?),
         None => None,
@@ -574,11 +631,15 @@ pub fn run(a: &Args, quiet: bool) -> Result<()> {
     if a.output.exists() && !a.output.is_dir() {
         bail!("{}: exists and is not a folder", a.output.display());
     }
-    std::fs::create_dir_all(&a.output).with_context(|| format!("{}: cannot create", a.output.display()))?;
+    std::fs::create_dir_all(&a.output)
+        .with_context(|| format!("{}: cannot create", a.output.display()))?;
     let base_name = a.base.to_string_lossy().to_string();
 
     let names: Vec<String> = params.iter().map(|(k, _)| k.clone()).collect();
-    let lens: Vec<usize> = params.iter().map(|(_, v)| v.as_tensor().elem_count()).collect();
+    let shapes: Vec<Vec<usize>> = params
+        .iter()
+        .map(|(_, v)| v.as_tensor().dims().to_vec())
+        .collect();
     let cfg = AdamWConfig {
         lr: a.lr,
         weight_decay: a.weight_decay,
@@ -587,9 +648,10 @@ pub fn run(a: &Args, quiet: bool) -> Result<()> {
     let (mut opt, start) = match &a.resume {
         Some(dir) => {
             let sp = dir.join(STATE_FILE);
-            let text = std::fs::read_to_string(&sp).with_context(|| format!("{}: cannot read", sp.display()))?;
-            let state: Value =
-                serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", sp.display()))?;
+            let text = std::fs::read_to_string(&sp)
+                .with_context(|| format!("{}: cannot read", sp.display()))?;
+            let state: Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow!("{}: not valid JSON: {e}", sp.display()))?;
             let saved = state.get("run").cloned().unwrap_or(Value::Null);
             if let (Value::Object(s), Value::Object(now)) = (&saved, &identity) {
                 for (k, v) in now {
@@ -607,17 +669,22 @@ pub fn run(a: &Args, quiet: bool) -> Result<()> {
             let step = state
                 .get("step")
                 .and_then(Value::as_u64)
-                .ok_or_else(|| anyhow!("{}: key \"step\" is missing", sp.display()))? as usize;
-            let mut o = AdamW::load(&dir.join(OPTIM_FILE), &names, &lens)?;
-            o.cfg = cfg;
-            (o, step)
+                .ok_or_else(|| anyhow!("{}: key \"step\" is missing", sp.display()))?
+                as usize;
+            (
+                AdamW::load(&dir.join(OPTIM_FILE), &names, &shapes, cfg)?,
+                step,
+            )
         }
-        None => (AdamW::new(&names, &lens, cfg), 0),
+        None => (AdamW::new(&names, &shapes, cfg)?, 0),
     };
 
-    let log_path = a.log.clone().unwrap_or_else(|| a.output.join("train_log.jsonl"));
+    let log_path = a
+        .log
+        .clone()
+        .unwrap_or_else(|| a.output.join("train_log.jsonl"));
     let mut log = Log::open(&log_path, a.resume.is_some())?;
-    let interrupted = optim::install_interrupt_flag();
+    let interrupted = optim::install_interrupt_flag()?;
     let pb = crate::cli::progress_bar(total as u64, quiet);
     pb.set_position(start as u64);
 
@@ -649,13 +716,25 @@ pub fn run(a: &Args, quiet: bool) -> Result<()> {
     while step < total {
         let epoch = step / steps_per_epoch;
         if order.as_ref().map(|o| o.0) != Some(epoch) {
-            order = Some((epoch, optim::shuffle_indices(train.len(), seed, epoch as u64)));
+            order = Some((
+                epoch,
+                optim::shuffle_indices(train.len(), seed, epoch as u64),
+            ));
         }
         let idx = &order.as_ref().expect("order").1;
         let first = (step % steps_per_epoch) * per_step;
-        let rows: Vec<&Sample> = idx[first..(first + per_step).min(idx.len())].iter().map(|&i| &train[i]).collect();
+        let rows: Vec<&Sample> = idx[first..(first + per_step).min(idx.len())]
+            .iter()
+            .map(|&i| &train[i])
+            .collect();
         let micro: Vec<Vec<&Sample>> = rows.chunks(a.batch_size).map(|c| c.to_vec()).collect();
-        let (loss, mut grads, tokens) = accumulate(&model, &params, &micro, pad, Some((spec.dropout, seed, step as u64)))?;
+        let (loss, mut grads, tokens) = accumulate(
+            &model,
+            &params,
+            &micro,
+            pad,
+            Some((spec.dropout, seed, step as u64)),
+        )?;
         let gnorm = optim::clip_grad_norm(&mut grads, a.max_grad_norm)?;
         let lr = optim::lr_at(a.lr_schedule, a.lr, a.warmup_steps, total, step);
         opt.step(&params, &grads, lr)?;
