@@ -12,6 +12,7 @@ fn main() -> ExitCode {
         Command::Ollama(a) => cli::ollama::run(a, quiet),
         Command::Merge(a) => cli::merge::run(a, quiet),
         Command::Package(a) => cli::package::run(a, quiet),
+        Command::Finetune(a) => cli::finetune::run(a, quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -109,3 +109,20 @@ pub struct Args {
     #[arg(long, hide = true)]
     pub probe: Option<PathBuf>,
 }
+
+pub fn run(a: Args, quiet: bool) -> anyhow::Result<()> {
+    #[cfg(feature = "train")]
+    {
+        let _ = (a, quiet);
+        Err(anyhow::anyhow!(
+            "finetune: the training loop is not wired yet"
+        ))
+    }
+    #[cfg(not(feature = "train"))]
+    {
+        let _ = (a, quiet);
+        Err(super::usage(
+            "finetune: this ftconv was built without the train feature (cargo build --release)",
+        ))
+    }
+}

@@ -55,6 +55,8 @@ pub enum Command {
     Merge(merge::Args),
     /// CI pipeline: adapters merged + quantized GGUF, proved Modelfile, manifest.json.
     Package(package::Args),
+    /// QLoRA fine-tuning (NF4 base + LoRA) on JSONL data → a PEFT LoRA adapter.
+    Finetune(finetune::Args),
 }
 
 /// Configure the global thread pool.
