@@ -10,7 +10,8 @@
 #     lora_A/lora_B gradient must match PeftModel.from_pretrained + loss.backward(). Again with PEFT's B = 0
 #     init, whose logits must match the plain base model.
 # (c) data: the probe's input_ids / labels / attention_mask, row by row, equal the reference tokenization
-#     (ft_data.py: chat template, TRL's rules, loss on every assistant turn) — default and --train-on-prompt.
+#     (ft_data.py: chat template, TRL's rules, loss on every assistant turn) — default, --train-on-prompt, and
+#     truncated to --max-seq-len 48 (keeps the start).
 # (d) learning: a real QLoRA fine-tune (NF4 base, defaults: r 16 all linear, batch 4) on made-up facts
 #     (fixtures/finetune/facts_*.jsonl): the final eval loss is <= 1/5 of the step-0 one; the adapter loaded by
 #     PEFT answers a held-out paraphrase with the made-up fact; so does llama-completion on the GGUF that
@@ -63,13 +64,15 @@ section_finetune() {
   else
     rows=$(grep -c . "$FIX/formats.jsonl")
     local probe_case adapter extra
-    for probe_case in lora zero prompt; do
-      adapter=$F/lora extra=()
+    for probe_case in lora zero prompt trunc; do
+      adapter=$F/lora extra=(--max-seq-len 4096)
       [[ $probe_case == zero ]] && adapter=$F/lora-zero
-      [[ $probe_case == prompt ]] && extra=(--train-on-prompt)
+      [[ $probe_case == prompt ]] && extra+=(--train-on-prompt)
+      # every row of formats.jsonl keeps some trained tokens at 48
+      [[ $probe_case == trunc ]] && extra=(--max-seq-len 48)
       t0=$(now)
       if ! "$FTCONV" finetune "$SMOLLM2_HF" --data "$FIX/formats.jsonl" -o "$F/probe-out-$probe_case" \
-          --base-dtype f32 --init-adapter "$adapter" --batch-size "$rows" --max-seq-len 4096 --threads 2 \
+          --base-dtype f32 --init-adapter "$adapter" --batch-size "$rows" --threads 2 \
           "${extra[@]}" --probe "$F/probe-$probe_case.safetensors" >"$F/probe-$probe_case.log" 2>&1; then
         fail "finetune probe $probe_case: ftconv exited non-zero ($(since "$t0")s)"
         tail -n 10 "$F/probe-$probe_case.log" | indent
@@ -94,6 +97,11 @@ section_finetune() {
           _ft_ref data "$SMOLLM2_HF" "$FIX/formats.jsonl" "$F/probe-prompt.safetensors" --train-on-prompt \
             --name data-train-on-prompt >"$F/check-data-prompt.log" 2>&1 || true
           _ft_results "$F/check-data-prompt.log" "data --train-on-prompt"
+          ;;
+        trunc)
+          _ft_ref data "$SMOLLM2_HF" "$FIX/formats.jsonl" "$F/probe-trunc.safetensors" --max-seq-len 48 \
+            --name data-max-seq-len-48 >"$F/check-data-trunc.log" 2>&1 || true
+          _ft_results "$F/check-data-trunc.log" "data --max-seq-len 48"
           ;;
       esac
     done
