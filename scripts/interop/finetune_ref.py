@@ -137,7 +137,7 @@ def cmd_parity(a):
     missing = sorted(k for k in grads if f"grad.{k}" not in P)
     extra = sorted(k[5:] for k in P if k.startswith("grad.") and k[5:] not in grads)
     total_ref = math.sqrt(sum(float(g.double().norm() ** 2) for g in grads.values() if g is not None))
-    worst, worst_k, bad, zero_ok = 0.0, None, [], 0
+    worst, worst_k, bad, worse, zero_ok = 0.0, None, [], [], 0
     for k, g in sorted(grads.items()):
         if f"grad.{k}" not in P:
             continue
@@ -157,7 +157,8 @@ def cmd_parity(a):
         if rr > worst:
             worst, worst_k = rr, k
         if rr > TOL:
-            bad.append(f"{k}: rel {rr:.3g}")
+            worse.append((rr, f"{k}: rel {rr:.3g}"))
+    bad += [m for _, m in sorted(worse, reverse=True)]  # worst first
     msg = (f"{len(grads) - len(missing)} LoRA gradients vs PEFT loss.backward(): worst rel {worst:.3g} ({worst_k})"
            + (f", {zero_ok} exactly-zero references matched" if zero_ok else ""))
     if missing:
