@@ -65,6 +65,9 @@ use std::ops::Range;
 use std::path::Path;
 use tokenizers::Tokenizer;
 
+/// Each token's byte range in the tokenized text.
+pub type ByteOffsets = Vec<(usize, usize)>;
+
 /// Label value for positions that carry no loss (as transformers' `ignore_index`).
 pub const IGNORE: i64 = -100;
 
@@ -417,7 +420,7 @@ impl TextEncoder {
 
     /// Tokenize `text` without special tokens (as text rendered by a chat template): ids and byte
     /// offsets into `text`.
-    pub fn encode_plain(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_plain(&self, text: &str) -> Result<(Vec<u32>, ByteOffsets)> {
         let enc = self
             .tokenizer
             .encode(text, false)
