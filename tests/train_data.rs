@@ -107,6 +107,7 @@ fn encoder_special_tokens() {
     assert_eq!(b.eos_id(), Some(2));
     assert_eq!(b.pad_id(), 2, "no pad token: EOS");
     assert!(b.adds_bos() && !b.adds_eos());
+    assert!(e.warnings().is_empty() && b.warnings().is_empty());
 }
 
 #[test]
@@ -529,56 +530,69 @@ fn edit_json(path: &Path, f: impl FnOnce(&mut Value)) {
 }
 
 #[test]
-fn bos_from_the_post_processor_and_add_bos_override() {
-    let template_processing = json!({
-        "type": "TemplateProcessing",
-        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                 {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}
-    });
-    // post-processor adds <s>; no add_bos_token: BOS once
-    let tp = template_processing.clone();
+fn bos_comes_from_the_post_processor() {
+    let text = |enc: &TextEncoder| {
+        let s = enc.encode_row(&json!({"text": "hi"})).unwrap();
+        enc.decode(&s.input_ids).unwrap()
+    };
+    // base: TemplateProcessing adds <s>; add_bos_token true agrees
+    let b = base();
+    assert!(b.warnings().is_empty(), "{:?}", b.warnings());
+    assert_eq!(text(&b), "<s>hi</s>");
+    assert_eq!(b.encode_with_special("hi").unwrap(), vec![1, 107, 108]);
+
+    // as transformers 5: tokenizer.json wins over add_bos_token / add_eos_token, with a warning
     let d = edited_copy("base", |dir| {
-        edit_json(&dir.join("tokenizer.json"), |v| v["post_processor"] = tp);
-        edit_json(&dir.join("tokenizer_config.json"), |v| {
-            v.as_object_mut().unwrap().remove("add_bos_token");
-        });
-    });
-    let enc = TextEncoder::from_dir(d.path()).unwrap();
-    assert!(enc.adds_bos());
-    let s = enc.encode_row(&json!({"text": "hi"})).unwrap();
-    assert_eq!(enc.decode(&s.input_ids).unwrap(), "<s>hi</s>");
-    // add_bos_token true as well: still once
-    let tp = template_processing.clone();
-    let d = edited_copy("base", |dir| {
-        edit_json(&dir.join("tokenizer.json"), |v| v["post_processor"] = tp);
-    });
-    let enc = TextEncoder::from_dir(d.path()).unwrap();
-    let s = enc.encode_row(&json!({"text": "hi"})).unwrap();
-    assert_eq!(enc.decode(&s.input_ids).unwrap(), "<s>hi</s>");
-    // add_bos_token false overrides the post-processor
-    let d = edited_copy("base", |dir| {
-        edit_json(&dir.join("tokenizer.json"), |v| {
-            v["post_processor"] = template_processing
-        });
         edit_json(&dir.join("tokenizer_config.json"), |v| {
             v["add_bos_token"] = json!(false)
         });
     });
     let enc = TextEncoder::from_dir(d.path()).unwrap();
-    assert!(!enc.adds_bos());
-    let s = enc.encode_row(&json!({"text": "hi"})).unwrap();
-    assert_eq!(enc.decode(&s.input_ids).unwrap(), "hi</s>");
-    // add_eos_token true: the EOS is not doubled; prompt/completion still trains completion+EOS
+    assert!(enc.adds_bos());
+    assert_eq!(text(&enc), "<s>hi</s>");
+    assert_eq!(enc.warnings().len(), 1);
+    assert!(
+        enc.warnings()[0].contains("add_bos_token is false"),
+        "{:?}",
+        enc.warnings()
+    );
+
     let d = edited_copy("base", |dir| {
+        edit_json(&dir.join("tokenizer.json"), |v| {
+            v["post_processor"] = json!({"type": "ByteLevel", "add_prefix_space": true,
+                                         "trim_offsets": false, "use_regex": true})
+        });
         edit_json(&dir.join("tokenizer_config.json"), |v| {
             v["add_eos_token"] = json!(true)
         });
     });
     let enc = TextEncoder::from_dir(d.path()).unwrap();
-    let s = enc.encode_row(&json!({"text": "hi"})).unwrap();
-    assert_eq!(enc.decode(&s.input_ids).unwrap(), "<s>hi</s>");
+    assert!(!enc.adds_bos() && !enc.adds_eos());
+    assert_eq!(enc.warnings().len(), 2, "{:?}", enc.warnings());
+    assert_eq!(text(&enc), "hi</s>", "EOS appended to text rows, once");
+    let s = enc
+        .encode_row(&json!({"prompt": "The capital of France is", "completion": " Paris"}))
+        .unwrap();
+    assert_eq!(trained_runs(&enc, &s), vec![" Paris</s>"]);
+    assert_eq!(s.input_ids[0], enc.encode_plain("T").unwrap().0[0]);
+
+    // a post-processor that adds EOS: not doubled; prompt/completion still trains completion+EOS
+    let d = edited_copy("base", |dir| {
+        edit_json(&dir.join("tokenizer.json"), |v| {
+            v["post_processor"]["single"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"SpecialToken": {"id": "</s>", "type_id": 0}}));
+            v["post_processor"]["special_tokens"]["</s>"] =
+                json!({"id": "</s>", "ids": [2], "tokens": ["</s>"]});
+        });
+        edit_json(&dir.join("tokenizer_config.json"), |v| {
+            v["add_eos_token"] = json!(true)
+        });
+    });
+    let enc = TextEncoder::from_dir(d.path()).unwrap();
+    assert!(enc.adds_bos() && enc.adds_eos() && enc.warnings().is_empty());
+    assert_eq!(text(&enc), "<s>hi</s>");
     let s = enc
         .encode_row(&json!({"prompt": "The capital of France is", "completion": " Paris"}))
         .unwrap();

@@ -22,9 +22,11 @@
 //! # Tokenization
 //!
 //! * Plain text (`text`, string prompt/completion, Alpaca without a template) is tokenized with
-//!   the tokenizer's special tokens: whatever the tokenizer.json post-processor adds, overridden by
-//!   tokenizer_config.json's `add_bos_token` / `add_eos_token` when those are given (as
-//!   transformers' Llama-family tokenizers and llama.cpp do).
+//!   the tokenizer's special tokens: what the tokenizer.json post-processor adds (BOS for Llama,
+//!   Mistral, Gemma; nothing for SmolLM2, Qwen). As in transformers 5 (`from_pretrained` drops
+//!   tokenizer_config.json's `add_bos_token` / `add_eos_token` when tokenizer.json exists), those
+//!   two flags do not change the ids; where they disagree with the post-processor,
+//!   [`TextEncoder::warnings`] says so (transformers 4's Llama-family classes obeyed the flags).
 //! * Conversations are rendered with the chat template (`add_generation_prompt=false`) and
 //!   tokenized WITHOUT special tokens (the template writes BOS etc.), as
 //!   `apply_chat_template(tokenize=True)`.
@@ -177,9 +179,8 @@ pub struct TextEncoder {
     bos_id: Option<u32>,
     eos_id: Option<u32>,
     pad_id: Option<u32>,
-    /// tokenizer_config.json's `add_bos_token` / `add_eos_token`, when given.
-    cfg_add_bos: Option<bool>,
-    cfg_add_eos: Option<bool>,
+    /// What the caller should tell the user (config flags the tokenizer does not follow).
+    warnings: Vec<String>,
     /// Whether tokenizer.json's post-processor adds BOS / EOS.
     post_adds_bos: bool,
     post_adds_eos: bool,
@@ -248,8 +249,8 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 
 impl TextEncoder {
     /// Load `tokenizer.json` (required), `tokenizer_config.json` and `special_tokens_map.json`
-    /// (special tokens, `add_bos_token` / `add_eos_token`) and the chat template (optional) from
-    /// `dir`. Errors name the file.
+    /// (special tokens; `add_bos_token` / `add_eos_token` only for [`TextEncoder::warnings`]) and
+    /// the chat template (optional) from `dir`. Errors name the file.
     pub fn from_dir(dir: &Path) -> Result<TextEncoder> {
         let tj = dir.join("tokenizer.json");
         if !tj.is_file() {
@@ -346,6 +347,24 @@ impl TextEncoder {
             with.len() > without.len() && with.last() == Some(&e) && without.last() != Some(&e)
         });
 
+        let mut warnings = Vec::new();
+        for (key, flag, post, tok) in [
+            ("add_bos_token", cfg_add_bos, post_adds_bos, "BOS"),
+            ("add_eos_token", cfg_add_eos, post_adds_eos, "EOS"),
+        ] {
+            if let Some(f) = flag
+                && f != post
+            {
+                warnings.push(format!(
+                    "{}: {key} is {f}, but {}'s post-processor {} {tok}; following tokenizer.json \
+                     (as transformers 5 does)",
+                    tc_path.display(),
+                    tj.display(),
+                    if post { "adds" } else { "does not add" }
+                ));
+            }
+        }
+
         let (template, template_origin) = match find_template(dir, &tc)? {
             Some((src, origin)) => {
                 let t = ChatTemplate::new(&src).map_err(|e| anyhow!("{origin}: {e}"))?;
@@ -362,8 +381,7 @@ impl TextEncoder {
             bos_id,
             eos_id,
             pad_id,
-            cfg_add_bos,
-            cfg_add_eos,
+            warnings,
             post_adds_bos,
             post_adds_eos,
             dir_name: dir.display().to_string(),
@@ -385,12 +403,19 @@ impl TextEncoder {
         self.bos_id
     }
 
-    /// Whether plain text gets BOS / EOS when tokenized with special tokens.
+    /// Whether plain text gets BOS / EOS when tokenized with special tokens (the tokenizer.json
+    /// post-processor adds them).
     pub fn adds_bos(&self) -> bool {
-        self.bos_id.is_some() && self.cfg_add_bos.unwrap_or(self.post_adds_bos)
+        self.post_adds_bos
     }
     pub fn adds_eos(&self) -> bool {
-        self.eos_id.is_some() && self.cfg_add_eos.unwrap_or(self.post_adds_eos)
+        self.post_adds_eos
+    }
+
+    /// Notes for the user about the tokenizer files (e.g. `add_bos_token` disagreeing with the
+    /// tokenizer.json post-processor, which wins). Print them once.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     pub fn has_chat_template(&self) -> bool {
@@ -428,33 +453,15 @@ impl TextEncoder {
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
-    /// Tokenize `text` with the tokenizer's special tokens (BOS/EOS as the tokenizer adds them).
+    /// Tokenize `text` with the tokenizer's special tokens (what the tokenizer.json
+    /// post-processor adds: BOS for Llama-family tokenizers), as `tokenizer(text).input_ids`.
     pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = self
+        Ok(self
             .tokenizer
             .encode(text, true)
             .map_err(|e| anyhow!("cannot tokenize: {e}"))?
             .get_ids()
-            .to_vec();
-        if let Some(b) = self.bos_id {
-            match self.cfg_add_bos {
-                Some(true) if !self.post_adds_bos => ids.insert(0, b),
-                Some(false) if self.post_adds_bos && ids.first() == Some(&b) => {
-                    ids.remove(0);
-                }
-                _ => {}
-            }
-        }
-        if let Some(e) = self.eos_id {
-            match self.cfg_add_eos {
-                Some(true) if !self.post_adds_eos => ids.push(e),
-                Some(false) if self.post_adds_eos && ids.last() == Some(&e) => {
-                    ids.pop();
-                }
-                _ => {}
-            }
-        }
-        Ok(ids)
+            .to_vec())
     }
 
     fn template(&self) -> Result<&ChatTemplate> {
