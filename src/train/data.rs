@@ -43,8 +43,11 @@
 //! `add_generation_prompt=false`; both must be prefixes of the whole rendering `F` (else the
 //! template is not prefix-stable, e.g. one that rewrites earlier assistant turns, and the row is an
 //! error; `train_on_prompt` does not need this). The assistant span is the bytes
-//! `P.len()..T.len()` of `F`. A token is trained when its first byte (tokenizer offsets) lies in a
-//! span, so a token straddling the span's start is not trained and one straddling its end is.
+//! `P.len()..T.len()` of `F`. A token is trained when its bytes (tokenizer offsets) overlap a
+//! span, as transformers' `return_assistant_tokens_mask` marks the tokens from the one holding a
+//! generation span's first character to the one holding its last: a token straddling either end
+//! of the span is trained (e.g. `" Paris"` after a prompt that ends with `"Response:"` and an
+//! answer `"Paris"` preceded by the template's space).
 //!
 //! Whatever the template writes after the end-of-turn marker inside the assistant message (ChatML's
 //! `"\n"` after `<|im_end|>`) is part of `T` and therefore trained: with the SmolLM2/ChatML
@@ -683,8 +686,15 @@ impl TextEncoder {
             self.assistant_spans(msgs, tools, &full)?
         };
         let (ids, offsets) = self.encode_plain(&full)?;
+        let overlaps = |(a, b): (usize, usize), s: &Range<usize>| {
+            if a == b {
+                s.contains(&a)
+            } else {
+                a < s.end && b > s.start
+            }
+        };
         Ok(Sample::new(ids, |k| {
-            all || spans.iter().any(|s| s.contains(&offsets[k].0))
+            all || spans.iter().any(|s| overlaps(offsets[k], s))
         }))
     }
 }
