@@ -5,8 +5,10 @@ tokenizer and its chat template, following TRL's SFTTrainer rules (nf4-peft.md 5
 * messages (and ShareGPT `conversations`, from human/gpt/system -> user/assistant/system, value -> content;
   and Alpaca rows, one user turn = instruction [+ blank line + input when non-empty] and one assistant turn =
   output): input_ids = the rendered conversation; loss on every assistant turn, content and end-of-turn
-  marker. Turn i's span is [len(render(msgs[:i], add_generation_prompt=True)), len(render(msgs[:i+1])))
-  in tokens.
+  marker. Turn i's span is the characters [len(render(msgs[:i], add_generation_prompt=True)),
+  len(render(msgs[:i+1]))) of the rendering; a token is trained when its characters overlap a span
+  (transformers' return_assistant_tokens_mask rule, as src/train/data.rs). Where that differs from taking
+  the same span in token counts of the separately tokenized prefixes, a warning says so (never for ChatML).
 * prompt/completion strings: ids = tokenize(prompt + completion) + EOS; the loss starts at the common prefix
   of tokenize(prompt) and tokenize(prompt + completion).
 * conversational prompt/completion: ids = render(prompt + completion); the loss starts at the common prefix of
@@ -75,17 +77,27 @@ class Encoder:
         warn = []
         msgs = to_messages(row)
         if msgs is not None:
-            ids = self.chat_ids(msgs, False)
+            full = self.render(msgs, False)
+            enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
             labels = [IGNORE] * len(ids)
+            by_count = [IGNORE] * len(ids)
             for i, m in enumerate(msgs):
                 if m["role"] != "assistant":
                     continue
-                pre = self.chat_ids(msgs[:i], True)
-                upto = self.chat_ids(msgs[: i + 1], False)
-                if ids[: len(pre)] != pre or ids[: len(upto)] != upto:
-                    warn.append(f"turn {i}: rendered prefix is not a token prefix of the conversation")
-                s, e = len(pre), len(upto)
-                labels[s:e] = ids[s:e]
+                pre, upto = self.render(msgs[:i], True), self.render(msgs[: i + 1], False)
+                if not (full.startswith(pre) and full.startswith(upto)):
+                    warn.append(f"turn {i}: the template is not prefix-stable")
+                # a token is trained when its characters overlap the span (return_assistant_tokens_mask)
+                a, b = len(pre), len(upto)
+                for k, (s, e) in enumerate(offsets):
+                    if s < b and e > a:
+                        labels[k] = ids[k]
+                # the same by token counts of the separately tokenized prefixes
+                s, e = len(self.chat_ids(msgs[:i], True)), len(self.chat_ids(msgs[: i + 1], False))
+                by_count[s:e] = ids[s:e]
+            if by_count != labels:
+                warn.append("character-overlap and token-count assistant spans differ (character overlap used)")
         elif fmt == "prompt-completion":
             p = self.text_ids(row["prompt"])
             ids = self.text_ids(row["prompt"] + row["completion"])
