@@ -494,11 +494,27 @@ pub fn run(a: &Args, quiet: bool) -> Result<()> {
     if a.resume.is_some() && a.init_adapter.is_some() {
         return Err(usage("--resume and --init-adapter cannot be combined"));
     }
-    crate::cli::set_threads(a.threads)?;
+    if let Some(n) = a.threads {
+        if n == 0 {
+            return Err(usage("--threads must be at least 1"));
+        }
+        // candle sizes both its element-wise pool and gemm's rayon pool from RAYON_NUM_THREADS
+        // when they start; building rayon's global pool ourselves instead made the two pools
+        // fight over the cores (3× slower measured on 2 cores).
+        // SAFETY: no other thread has been started yet in this process.
+        unsafe {
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+    }
     let device = device_for(a.device, quiet)?;
 
     let ck = HfCheckpoint::open(&a.base)?;
     let enc = TextEncoder::from_dir(&a.base)?;
+    if !quiet {
+        for w in enc.warnings() {
+            eprintln!("ftconv: warning: {w}");
+        }
+    }
     let dopts = DataOptions {
         max_seq_len: a.max_seq_len,
         train_on_prompt: a.train_on_prompt,
@@ -506,7 +522,7 @@ pub fn run(a: &Args, quiet: bool) -> Result<()> {
     let load = |p: &Path| -> Result<Vec<Sample>> {
         let rows = data::load_jsonl(p, &enc, &dopts)?;
         let n = rows.len();
-        let kept: Vec<Sample> = rows.into_iter().filter(|s| n_trained(s) > 0).collect();
+        let (kept, _) = data::drop_untrained(rows);
         if kept.is_empty() {
             bail!(
                 "{}: no row has a token to train on (after truncation to --max-seq-len {})",
