@@ -256,7 +256,7 @@ def cmd_log(a):
     ok = e1 <= e0 / a.min_drop and all(math.isfinite(r["loss"]) for r in train)
     result(name, ok, f"eval loss {e0:.4f} -> {e1:.4f} (x{e0 / max(e1, 1e-12):.1f}, need >= x{a.min_drop:g}) "
            f"in {d.get('steps')} steps; {d.get('tokens_per_s', float('nan')):.1f} train tokens/s, "
-           f"peak RSS {d.get('peak_rss_mb')} MB")
+           f"peak RSS {float(d.get('peak_rss_mb', float('nan'))):.0f} MB")
 
 
 # ------------------------------------------------------------------------------------------------ generate
