@@ -21,7 +21,8 @@
 # FTCONV_INTEROP_FT_BENCH=1 also runs the PEFT + torch baseline (peft_train_bench.py, same data and settings on
 # an f32 base) and prints its tokens/s next to ftconv's.
 
-# Calibrated with peft_train_bench.py (f32 base, r 16 all linear, batch 4, 2 threads): see its docstring.
+# Calibrated with peft_train_bench.py (f32 base, r 16 all linear, dropout 0.05, batch 4, linear decay, 2 threads):
+# eval loss 2.51 -> 0.20 (x12) in 20 steps at lr 2e-3 (x3 at step 8, x6.7 at step 12); ftconv's NF4 run x9.7.
 FT_LR=${FTCONV_INTEROP_FT_LR:-2e-3}
 FT_STEPS=${FTCONV_INTEROP_FT_STEPS:-20}
 FT_QUESTION="Tell me the capital city of Veltrana island."

@@ -7,7 +7,8 @@
         ftconv's probe (input_ids, labels, attention_mask, logits, loss, grad.<key>) against transformers +
         PeftModel.from_pretrained on the f32 base: logits at attention_mask=1 positions, the loss, every LoRA
         gradient, each within ||ours - ref|| / ||ref|| <= 1e-4. --plain: the logits reference is the base model
-        without PEFT (for a B = 0 adapter).
+        without PEFT (for a B = 0 adapter). When gradients fail, the same batch is run in float64 too and both
+        ours and PEFT's f32 gradients are compared with it (ours vs the tolerance, or the tolerance itself).
     finetune_ref.py data BASE DATA PROBE [--train-on-prompt] [--max-seq-len N] [--name NAME]
         the probe's input_ids / labels / attention_mask equal the reference tokenization (ft_data.py), row by row.
     finetune_ref.py log LOG [--min-drop 5]
@@ -168,6 +169,27 @@ def cmd_parity(a):
     result(f"{name}-grads", not bad, msg + (f"; {len(bad)} problems" if bad else ""))
     for x in bad[:10]:
         detail(f"{name}-grads", x)
+    if worse:  # is it ours or the tolerance? the same in float64 says how far PEFT's own f32 result is
+        f64_check(a, P, ids, labels, mask, {k: g for k, g in grads.items()})
+
+
+def f64_check(a, P, ids, labels, mask, g32):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float64, attn_implementation="eager")
+    pm = PeftModel.from_pretrained(m, a.adapter, is_trainable=True)
+    pm.eval()
+    out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    g64 = {peft_key(k): p.grad for k, p in pm.named_parameters() if "lora_" in k}
+    ours = [rel(P[f"grad.{k}"], g)[0] for k, g in g64.items() if f"grad.{k}" in P and g.norm() > 0]
+    ref = [rel(g32[k], g)[0] for k, g in g64.items() if g32.get(k) is not None and g.norm() > 0]
+    l64 = out.loss.item()
+    detail(f"{a.name}-grads", f"vs a float64 PEFT run: ours worst rel {max(ours):.3g} (median {sorted(ours)[len(ours) // 2]:.3g}), "
+           f"PEFT f32 worst {max(ref):.3g} (median {sorted(ref)[len(ref) // 2]:.3g}); loss: ours rel "
+           f"{abs(P['loss'].double().item() - l64) / l64:.3g}")
 
 
 # ------------------------------------------------------------------------------------------------ data
