@@ -327,13 +327,16 @@ pub struct Model {
     pub device: Device,
 }
 
+/// `(module path, out, in) → (A [r, in], B [out, r])`.
+pub type GivenLora<'a> = dyn Fn(&str, usize, usize) -> Result<(Vec<f32>, Vec<f32>)> + 'a;
+
 /// How LoRA weights start.
 pub enum LoraInit<'a> {
     /// PEFT's default: A ~ kaiming-uniform(a=√5) = U(−1/√in, 1/√in), B = 0; `a_init(module
     /// index, rows, cols)` returns A's values.
     Peft(&'a dyn Fn(usize, usize, usize) -> Vec<f32>),
     /// From PEFT adapter tensors: `(path) → (A [r,in], B [out,r])`.
-    Given(&'a dyn Fn(&str, usize, usize) -> Result<(Vec<f32>, Vec<f32>)>),
+    Given(&'a GivenLora<'a>),
 }
 
 fn read_f32(ck: &HfCheckpoint, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
