@@ -390,3 +390,29 @@ fn bad_input_is_one_line() {
     );
     assert!(!out.join("adapter_model.safetensors").exists());
 }
+
+#[test]
+fn an_nf4_folder_is_a_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = model(tmp.path());
+    let d = data(tmp.path());
+    let q = tmp.path().join("nf4");
+    let o = run(&[
+        "quantize",
+        base.to_str().unwrap(),
+        "--to",
+        "nf4",
+        "-o",
+        q.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = tmp.path().join("out");
+    ok(&finetune(
+        &q,
+        &d,
+        &out,
+        &["--rank", "4", "--max-steps", "2"],
+    ));
+    assert!(out.join("adapter_model.safetensors").is_file());
+}

@@ -162,12 +162,59 @@ impl Nf4Weight {
     }
 }
 
-/// The custom op `x ↦ x Wᵀ` for an NF4 weight, with a backward to the input only.
-struct Nf4MatMul(Arc<Nf4Weight>);
+/// A frozen base weight.
+#[derive(Clone)]
+pub enum Frozen {
+    /// `[out, in]` f32.
+    Dense(Tensor),
+    Nf4(Arc<Nf4Weight>),
+}
 
-impl CustomOp1 for Nf4MatMul {
+impl Frozen {
+    /// `x Wᵀ` outside the autograd graph.
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Frozen::Dense(w) => x.matmul(&w.t()?),
+            Frozen::Nf4(w) => w.forward_tiles(x),
+        }
+    }
+
+    /// `g W`: the gradient with respect to the input.
+    fn apply_back(&self, g: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Frozen::Dense(w) => g.matmul(w),
+            Frozen::Nf4(w) => w.backward_tiles(g),
+        }
+    }
+
+    fn out_dim(&self) -> candle_core::Result<usize> {
+        match self {
+            Frozen::Dense(w) => w.dim(0),
+            Frozen::Nf4(w) => Ok(w.out),
+        }
+    }
+
+    /// `x [n, in] → x Wᵀ [n, out]` with a backward to `x` only. candle's own matmul backward
+    /// would also form ∂L/∂W for the frozen weight (a second full matmul per layer, and a
+    /// weight-sized gradient kept until the step ends), so a custom op carries it on the CPU.
+    fn forward(&self, x2: &Tensor) -> candle_core::Result<Tensor> {
+        if !x2.device().is_cpu() {
+            let w = match self {
+                Frozen::Dense(w) => w.clone(),
+                Frozen::Nf4(w) => Tensor::from_vec(w.dequantize(), (w.out, w.inp), x2.device())?,
+            };
+            return x2.matmul(&w.t()?);
+        }
+        x2.contiguous()?.apply_op1(FrozenMatMul(self.clone()))
+    }
+}
+
+/// The custom op `x ↦ x Wᵀ` for a frozen weight.
+struct FrozenMatMul(Frozen);
+
+impl CustomOp1 for FrozenMatMul {
     fn name(&self) -> &'static str {
-        "nf4-matmul"
+        "frozen-matmul"
     }
 
     fn cpu_fwd(
@@ -176,20 +223,16 @@ impl CustomOp1 for Nf4MatMul {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("nf4-matmul: input must be f32");
+            candle_core::bail!("frozen-matmul: input must be f32");
         };
-        let dims = layout.shape().dims();
-        let (n, inp) = (dims[0], dims[1]);
-        if inp != self.0.inp {
-            candle_core::bail!("nf4-matmul: input has {inp} columns, weight {}", self.0.inp);
-        }
+        let (n, inp) = layout.shape().dims2()?;
         let x = match layout.contiguous_offsets() {
             Some((a, b)) => Tensor::from_slice(&data[a..b], (n, inp), &Device::Cpu)?,
-            None => candle_core::bail!("nf4-matmul: input must be contiguous"),
+            None => candle_core::bail!("frozen-matmul: input must be contiguous"),
         };
-        let y = self.0.forward_tiles(&x)?;
+        let y = self.0.apply(&x)?;
         let v = y.flatten_all()?.to_vec1::<f32>()?;
-        Ok((CpuStorage::F32(v), Shape::from((n, self.0.out))))
+        Ok((CpuStorage::F32(v), Shape::from((n, self.0.out_dim()?))))
     }
 
     fn bwd(
@@ -198,23 +241,7 @@ impl CustomOp1 for Nf4MatMul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(self.0.backward_tiles(grad)?))
-    }
-}
-
-/// A frozen base weight.
-pub enum Frozen {
-    /// `[out, in]` f32.
-    Dense(Tensor),
-    Nf4(Arc<Nf4Weight>),
-}
-
-impl Frozen {
-    fn forward(&self, x2: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Frozen::Dense(w) => x2.matmul(&w.t()?),
-            Frozen::Nf4(w) => x2.contiguous()?.apply_op1(Nf4MatMul(w.clone())),
-        }
+        Ok(Some(self.0.apply_back(&grad.contiguous()?)?))
     }
 }
 
@@ -294,10 +321,14 @@ pub struct Model {
     pub embed: Tensor,
     pub layers: Vec<Layer>,
     pub norm: Tensor,
-    /// `None` when tied to the embedding.
-    pub lm_head: Option<Tensor>,
+    /// The output projection (the embedding itself when tied).
+    pub lm_head: Frozen,
+    pub lm_head_tied: bool,
     pub device: Device,
 }
+
+/// `(module path, out, in) → (A [r, in], B [out, r])`.
+pub type GivenLora<'a> = dyn Fn(&str, usize, usize) -> Result<(Vec<f32>, Vec<f32>)> + 'a;
 
 /// How LoRA weights start.
 pub enum LoraInit<'a> {
@@ -305,7 +336,7 @@ pub enum LoraInit<'a> {
     /// index, rows, cols)` returns A's values.
     Peft(&'a dyn Fn(usize, usize, usize) -> Vec<f32>),
     /// From PEFT adapter tensors: `(path) → (A [r,in], B [out,r])`.
-    Given(&'a dyn Fn(&str, usize, usize) -> Result<(Vec<f32>, Vec<f32>)>),
+    Given(&'a GivenLora<'a>),
 }
 
 fn read_f32(ck: &HfCheckpoint, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
@@ -409,11 +440,12 @@ impl Model {
         };
         let embed = dense("model.embed_tokens.weight")?;
         let norm = dense("model.norm.weight")?;
-        let lm_head = if cfg.tie_word_embeddings || ck.get("lm_head.weight").is_none() {
-            None
+        let lm_head_tied = cfg.tie_word_embeddings || ck.get("lm_head.weight").is_none();
+        let lm_head = Frozen::Dense(if lm_head_tied {
+            embed.clone()
         } else {
-            Some(dense("lm_head.weight")?)
-        };
+            dense("lm_head.weight")?
+        });
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         let mut module = 0usize;
         for l in 0..cfg.num_hidden_layers {
@@ -487,6 +519,7 @@ impl Model {
             layers,
             norm,
             lm_head,
+            lm_head_tied,
             device: device.clone(),
         })
     }
@@ -519,7 +552,12 @@ impl Model {
     /// Bytes held by frozen base weights.
     pub fn base_bytes(&self) -> usize {
         let t = |x: &Tensor| x.elem_count() * 4;
-        let mut n = t(&self.embed) + t(&self.norm) + self.lm_head.as_ref().map_or(0, t);
+        let mut n = t(&self.embed)
+            + t(&self.norm)
+            + match (&self.lm_head, self.lm_head_tied) {
+                (Frozen::Dense(w), false) => t(w),
+                _ => 0,
+            };
         for l in &self.layers {
             n += t(&l.input_norm) + t(&l.post_norm);
             for p in &l.proj {
@@ -625,8 +663,7 @@ impl Model {
             module += 7;
         }
         let x = self.rms_norm(&x, &self.norm)?;
-        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = x.matmul(&w.t()?)?;
+        let logits = self.lm_head.forward(&x)?;
         logits.reshape((b, t, self.vocab))
     }
 }

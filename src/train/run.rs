@@ -632,10 +632,11 @@ pub fn run(a: &Args, quiet: bool) -> Result<()> {
     if !quiet {
         let n: usize = params.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
         eprintln!(
-            "ftconv: {} LoRA modules, {n} trainable parameters; base weights {} in memory (loaded in {:.1} s)",
+            "ftconv: {} LoRA modules, {n} trainable parameters; base weights {} in memory (loaded in {:.1} s, peak RSS {:.0} MB)",
             params.len() / 2,
             crate::cli::human_bytes(model.base_bytes() as u64),
-            t_load.elapsed().as_secs_f64()
+            t_load.elapsed().as_secs_f64(),
+            peak_rss_mb().unwrap_or(0.0)
         );
     }
 
