@@ -113,10 +113,7 @@ pub struct Args {
 pub fn run(a: Args, quiet: bool) -> anyhow::Result<()> {
     #[cfg(feature = "train")]
     {
-        let _ = (a, quiet);
-        Err(anyhow::anyhow!(
-            "finetune: the training loop is not wired yet"
-        ))
+        crate::train::run::run(&a, quiet)
     }
     #[cfg(not(feature = "train"))]
     {
