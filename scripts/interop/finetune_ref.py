@@ -89,6 +89,17 @@ def cmd_make_adapter(a):
 
 
 # ------------------------------------------------------------------------------------------------ parity
+def causal_lm_loss_f64(logits, labels):
+    """transformers' ForCausalLMLoss (shift by one, ignore -100, mean over the targets) in float64."""
+    import torch
+
+    lab = labels[:, 1:]
+    x = logits[:, :-1].double()
+    lsm = torch.log_softmax(x, -1).gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    keep = lab != -100
+    return -(lsm * keep).sum() / keep.sum()
+
+
 def cmd_parity(a):
     torch = torch_setup()
     from peft import PeftModel
@@ -116,8 +127,19 @@ def cmd_parity(a):
             ref_plain = base(input_ids=ids, attention_mask=mask).logits.float()
     pm = PeftModel.from_pretrained(base, a.adapter, is_trainable=True)
     pm.eval()  # no dropout (the adapter's lora_dropout is 0 anyway); gradients still flow
-    out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    # transformers' built-in loss (ForCausalLMLoss) runs torch's float32 cross-entropy, whose
+    # log-sum-exp over the 49k vocabulary is off by ~1e-5 (measured: the built-in loss of the
+    # float64 model differs from a float64 cross-entropy of its own logits by 1.5e-5), and the
+    # softmax − one-hot cancellation of confident tokens magnifies that into ~1e-4 gradient
+    # differences. The reference is therefore PEFT's model and autograd with the same causal-LM
+    # loss taken in float64 from its logits; the built-in loss is reported alongside.
+    out = pm(input_ids=ids, attention_mask=mask)
+    out.loss = causal_lm_loss_f64(out.logits, labels)
     out.loss.backward()
+    with torch.no_grad():
+        builtin = pm(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+    detail(name, f"transformers' built-in float32 loss {builtin:.7f}, float64 cross-entropy of the same logits "
+           f"{out.loss.item():.7f}")
     ref_logits = ref_plain if a.plain else out.logits.detach().float()
 
     sel = mask.bool()
@@ -181,7 +203,8 @@ def f64_check(a, P, ids, labels, mask, g32):
     m = AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float64, attn_implementation="eager")
     pm = PeftModel.from_pretrained(m, a.adapter, is_trainable=True)
     pm.eval()
-    out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    out = pm(input_ids=ids, attention_mask=mask)
+    out.loss = causal_lm_loss_f64(out.logits, labels)
     out.loss.backward()
     g64 = {peft_key(k): p.grad for k, p in pm.named_parameters() if "lora_" in k}
     ours = [rel(P[f"grad.{k}"], g)[0] for k, g in g64.items() if f"grad.{k}" in P and g.norm() > 0]

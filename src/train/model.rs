@@ -12,7 +12,7 @@ use crate::checkpoint::HfCheckpoint;
 use crate::checkpoint::config::ModelConfig;
 use crate::quant::nf4;
 use anyhow::{Context, Result, anyhow, bail};
-use candle_core::{CpuStorage, CustomOp1, D, DType, Device, Layout, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, D, Device, Layout, Shape, Tensor, Var};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -179,9 +179,35 @@ impl Frozen {
         }
     }
 
-    /// `g W`: the gradient with respect to the input.
+    /// `g W`: the gradient with respect to the input. For a wide output (the LM head: a sum
+    /// over ~50k vocabulary entries whose softmax − one-hot terms cancel) one f32 dot product
+    /// would lose ~1e-5 relative; blocks of 1024 rows are multiplied in f32 and their partial
+    /// results summed in f64, which brings the gradients to torch's accuracy.
     fn apply_back(&self, g: &Tensor) -> candle_core::Result<Tensor> {
+        const BLOCK: usize = 1024;
         match self {
+            Frozen::Dense(w) if w.dim(0)? > 4 * BLOCK => {
+                let (out, inp) = w.dims2()?;
+                let n = g.dim(0)?;
+                let mut acc = vec![0f64; n * inp];
+                let mut r0 = 0;
+                while r0 < out {
+                    let k = BLOCK.min(out - r0);
+                    let part = g
+                        .narrow(1, r0, k)?
+                        .contiguous()?
+                        .matmul(&w.narrow(0, r0, k)?)?;
+                    for (a, p) in acc.iter_mut().zip(part.flatten_all()?.to_vec1::<f32>()?) {
+                        *a += p as f64;
+                    }
+                    r0 += k;
+                }
+                Tensor::from_vec(
+                    acc.into_iter().map(|v| v as f32).collect::<Vec<f32>>(),
+                    (n, inp),
+                    g.device(),
+                )
+            }
             Frozen::Dense(w) => g.matmul(w),
             Frozen::Nf4(w) => w.backward_tiles(g),
         }
@@ -571,6 +597,10 @@ impl Model {
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        if x.device().is_cpu() {
+            let w = w.to_vec1::<f32>()?;
+            return x.contiguous()?.apply_op1(RmsNorm { w, eps: self.eps });
+        }
         let var = x.sqr()?.mean_keepdim(D::Minus1)?;
         let inv = (var + self.eps)?.sqrt()?.recip()?;
         x.broadcast_mul(&inv)?.broadcast_mul(w)
@@ -668,44 +698,202 @@ impl Model {
     }
 }
 
+/// RMSNorm with a frozen weight, `w · x / sqrt(mean(x²) + eps)` per row, the mean of squares
+/// accumulated in f64 (candle's running f32 sum over a row loses ~1e-6 relative, which 60 norms
+/// compound into gradients visibly less exact than torch's), backward to `x` only.
+struct RmsNorm {
+    w: Vec<f32>,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn inv_rms(&self, row: &[f32]) -> f64 {
+        let ss: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        1.0 / (ss / row.len() as f64 + self.eps).sqrt()
+    }
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, d) = cpu_rows(storage, layout)?;
+        if d != self.w.len() {
+            candle_core::bail!("rms-norm: rows of {d}, weight of {}", self.w.len());
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let r = self.inv_rms(row) as f32;
+                for ((oj, &xj), &wj) in o.iter_mut().zip(row).zip(&self.w) {
+                    *oj = wj * (xj * r);
+                }
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let d = self.w.len();
+        let x = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(o, (row, gr))| {
+                let r = self.inv_rms(row);
+                // y = w·x·r, r = (mean(x²)+eps)^-1/2:  dx = r·(g·w) − x·r³·mean((g·w)·x)
+                let dot: f64 = gr
+                    .iter()
+                    .zip(&self.w)
+                    .zip(row)
+                    .map(|((&gj, &wj), &xj)| (gj as f64) * (wj as f64) * (xj as f64))
+                    .sum();
+                let c = r * r * r * dot / d as f64;
+                for (((oj, &gj), &wj), &xj) in o.iter_mut().zip(gr).zip(&self.w).zip(row) {
+                    *oj = (r * (gj as f64) * (wj as f64) - (xj as f64) * c) as f32;
+                }
+            });
+        Ok(Some(Tensor::from_vec(out, arg.shape(), arg.device())?))
+    }
+}
+
 /// Summed cross-entropy over the shifted labels (position i predicts label i+1; −100 ignored),
 /// divided by `n_items` (the number of trained tokens of the whole optimizer step, as
 /// transformers' `num_items_in_batch`). `labels` is `[b, t]` i64.
+///
+/// On the CPU the per-row negative log-likelihood is one custom op: the log-sum-exp over the
+/// vocabulary accumulated in f64 (a plain f32 running sum over ~50k terms is off by ~1e-5
+/// relative, which the softmax − one-hot cancellation of well-predicted tokens magnifies in the
+/// gradients), and a backward `g·(softmax − onehot)` written directly, keeping no
+/// vocabulary-sized intermediates in the graph.
 pub fn causal_lm_loss(
     logits: &Tensor,
     labels: &[Vec<i64>],
     n_items: usize,
 ) -> candle_core::Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
-    if t < 2 {
-        return Tensor::zeros((), DType::F32, logits.device());
-    }
-    let lg = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
-    let mut tgt = Vec::with_capacity(b * (t - 1));
-    let mut msk = Vec::with_capacity(b * (t - 1));
+    let mut tgt: Vec<Option<u32>> = Vec::with_capacity(b * t);
     for row in labels {
-        for &l in &row[1..t] {
-            if l < 0 {
-                tgt.push(0u32);
-                msk.push(0f32);
-            } else {
-                tgt.push(l as u32);
-                msk.push(1f32);
-            }
+        for i in 0..t {
+            let l = if i + 1 < t { row[i + 1] } else { -100 };
+            tgt.push((l >= 0).then_some(l as u32));
         }
     }
-    let dev = logits.device();
-    let tgt = Tensor::from_vec(tgt, (b * (t - 1), 1), dev)?;
-    let msk = Tensor::from_vec(msk, b * (t - 1), dev)?;
-    let lsm = candle_nn::ops::log_softmax(&lg, D::Minus1)?;
-    let picked = lsm.gather(&tgt, 1)?.squeeze(1)?;
-    let total = (picked * msk)?.sum_all()?;
-    total.affine(-1.0 / n_items.max(1) as f64, 0.0)
+    if let Some(&bad) = tgt.iter().flatten().find(|&&x| x as usize >= v) {
+        candle_core::bail!("label {bad} is outside the vocabulary of {v}");
+    }
+    let flat = logits.reshape((b * t, v))?;
+    let nll = if logits.device().is_cpu() {
+        flat.contiguous()?
+            .apply_op1(CrossEntropy { targets: tgt })?
+    } else {
+        let dev = logits.device();
+        let idx: Vec<u32> = tgt.iter().map(|x| x.unwrap_or(0)).collect();
+        let msk: Vec<f32> = tgt
+            .iter()
+            .map(|x| if x.is_some() { 1.0 } else { 0.0 })
+            .collect();
+        let idx = Tensor::from_vec(idx, (b * t, 1), dev)?;
+        let msk = Tensor::from_vec(msk, b * t, dev)?;
+        let lsm = candle_nn::ops::log_softmax(&flat, D::Minus1)?;
+        (lsm.gather(&idx, 1)?.squeeze(1)?.neg()? * msk)?
+    };
+    nll.sum_all()?.affine(1.0 / n_items.max(1) as f64, 0.0)
+}
+
+/// Per-row `logsumexp(x) − x[target]` (0 for rows without a target).
+struct CrossEntropy {
+    targets: Vec<Option<u32>>,
+}
+
+/// `(max, ln Σ exp(x − max))` of a row, the sum in f64.
+fn row_lse(x: &[f32]) -> (f32, f64) {
+    let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let s: f64 = x.iter().map(|&xi| (xi - m).exp() as f64).sum();
+    (m, s.ln())
+}
+
+fn cpu_rows<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<(&'a [f32], usize)> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("cross-entropy: logits must be f32");
+    };
+    let (_, v) = layout.shape().dims2()?;
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok((&data[a..b], v)),
+        None => candle_core::bail!("cross-entropy: logits must be contiguous"),
+    }
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, v) = cpu_rows(storage, layout)?;
+        let out: Vec<f32> = x
+            .par_chunks(v)
+            .zip(self.targets.par_iter())
+            .map(|(row, t)| match t {
+                None => 0.0,
+                Some(t) => {
+                    let (m, lse) = row_lse(row);
+                    (lse - (row[*t as usize] - m) as f64) as f32
+                }
+            })
+            .collect();
+        let n = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (n, v) = arg.dims2()?;
+        let x = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad.contiguous()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; n * v];
+        out.par_chunks_mut(v)
+            .zip(x.par_chunks(v))
+            .zip(self.targets.par_iter().zip(g.par_iter()))
+            .for_each(|((o, row), (t, &gi))| {
+                let Some(t) = t else { return };
+                let (m, lse) = row_lse(row);
+                for (oj, &xj) in o.iter_mut().zip(row) {
+                    *oj = gi * (((xj - m) as f64 - lse) as f32).exp();
+                }
+                o[*t as usize] -= gi;
+            });
+        Ok(Some(Tensor::from_vec(out, (n, v), arg.device())?))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     fn tiny() -> HfCheckpoint {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-llama");
@@ -880,5 +1068,137 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert_eq!(d, 0.0);
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn custom_loss_and_norm_ops_have_the_gradients_of_their_compositions() {
+        let dev = Device::Cpu;
+        let (b, t, v) = (2, 5, 37);
+        let lg: Vec<f32> = (0..b * t * v)
+            .map(|i| ((i as f32) * 0.377).sin() * 3.0)
+            .collect();
+        let labels = vec![vec![1, 5, -100, 7, 36], vec![0, -100, 2, 3, -100]];
+        // cross-entropy op vs log_softmax + gather
+        let x = Var::from_vec(lg.clone(), (b, t, v), &dev).unwrap();
+        let ours = causal_lm_loss(x.as_tensor(), &labels, 4).unwrap();
+        let g_ours = ours.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let y = Var::from_vec(lg, (b, t, v), &dev).unwrap();
+        let flat = y.as_tensor().reshape((b * t, v)).unwrap();
+        let tgt: Vec<u32> = labels
+            .iter()
+            .flat_map(|r| {
+                (0..t)
+                    .map(|i| {
+                        if i + 1 < t && r[i + 1] >= 0 {
+                            r[i + 1] as u32
+                        } else {
+                            0
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let msk: Vec<f32> = labels
+            .iter()
+            .flat_map(|r| {
+                (0..t)
+                    .map(|i| if i + 1 < t && r[i + 1] >= 0 { 1.0 } else { 0.0 })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let lsm = candle_nn::ops::log_softmax(&flat, D::Minus1).unwrap();
+        let picked = lsm
+            .gather(&Tensor::from_vec(tgt, (b * t, 1), &dev).unwrap(), 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        let want = (picked * Tensor::from_vec(msk, b * t, &dev).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .affine(-0.25, 0.0)
+            .unwrap();
+        let g_want = want.backward().unwrap().get(y.as_tensor()).unwrap().clone();
+        assert!(max_diff(&ours, &want) < 1e-5);
+        assert!(
+            max_diff(&g_ours, &g_want) < 1e-6,
+            "{}",
+            max_diff(&g_ours, &g_want)
+        );
+        // RMSNorm op vs x·w/sqrt(mean(x²)+eps)
+        let xs: Vec<f32> = (0..6 * 16)
+            .map(|i| ((i as f32) * 0.91).cos() * 2.0)
+            .collect();
+        let w = Tensor::from_vec(
+            (0..16).map(|i| 0.5 + i as f32 * 0.1).collect::<Vec<f32>>(),
+            16,
+            &dev,
+        )
+        .unwrap();
+        let m = Model {
+            hidden: 16,
+            n_heads: 1,
+            n_kv: 1,
+            head_dim: 16,
+            vocab: 1,
+            eps: 1e-5,
+            inv_freq: vec![],
+            embed: w.clone(),
+            layers: vec![],
+            norm: w.clone(),
+            lm_head: Frozen::Dense(w.clone()),
+            lm_head_tied: true,
+            device: dev.clone(),
+        };
+        let a = Var::from_vec(xs.clone(), (6, 16), &dev).unwrap();
+        let ya = m.rms_norm(a.as_tensor(), &w).unwrap();
+        let coef = Tensor::from_vec(
+            (0..96)
+                .map(|i| (i as f32 * 0.13).sin())
+                .collect::<Vec<f32>>(),
+            (6, 16),
+            &dev,
+        )
+        .unwrap();
+        let ga = (&ya * &coef)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(a.as_tensor())
+            .unwrap()
+            .clone();
+        let c = Var::from_vec(xs, (6, 16), &dev).unwrap();
+        let ct = c.as_tensor();
+        let inv = (ct.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .recip()
+            .unwrap();
+        let yc = ct.broadcast_mul(&inv).unwrap().broadcast_mul(&w).unwrap();
+        let gc = (&yc * &coef)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(ct)
+            .unwrap()
+            .clone();
+        assert!(max_diff(&ya, &yc) < 1e-5);
+        assert!(max_diff(&ga, &gc) < 1e-5, "{}", max_diff(&ga, &gc));
     }
 }
