@@ -30,6 +30,19 @@ const CONFIG_FILE: &str = "adapter_config.json";
 const OPTIM_FILE: &str = "optimizer.safetensors";
 const STATE_FILE: &str = "trainer_state.json";
 
+/// Every op of a training step allocates and frees tensors of a few MB. glibc returns such
+/// blocks to the kernel at once (mmap/munmap), so each step paid for zeroing fresh pages again:
+/// keeping freed memory in the heap made a step ~40% faster with the same peak RSS (SmolLM2,
+/// 2 threads).
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 /// Peak resident memory of this process in MB (Linux `VmHWM`), if known.
 pub fn peak_rss_mb() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -507,6 +520,7 @@ pub fn run(a: &Args, quiet: bool) -> Result<()> {
         }
     }
     let device = device_for(a.device, quiet)?;
+    keep_freed_memory();
 
     let ck = HfCheckpoint::open(&a.base)?;
     let enc = TextEncoder::from_dir(&a.base)?;
