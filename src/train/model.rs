@@ -179,35 +179,9 @@ impl Frozen {
         }
     }
 
-    /// `g W`: the gradient with respect to the input. For a wide output (the LM head: a sum
-    /// over ~50k vocabulary entries whose softmax − one-hot terms cancel) one f32 dot product
-    /// would lose ~1e-5 relative; blocks of 1024 rows are multiplied in f32 and their partial
-    /// results summed in f64, which brings the gradients to torch's accuracy.
+    /// `g W`: the gradient with respect to the input.
     fn apply_back(&self, g: &Tensor) -> candle_core::Result<Tensor> {
-        const BLOCK: usize = 1024;
         match self {
-            Frozen::Dense(w) if w.dim(0)? > 4 * BLOCK => {
-                let (out, inp) = w.dims2()?;
-                let n = g.dim(0)?;
-                let mut acc = vec![0f64; n * inp];
-                let mut r0 = 0;
-                while r0 < out {
-                    let k = BLOCK.min(out - r0);
-                    let part = g
-                        .narrow(1, r0, k)?
-                        .contiguous()?
-                        .matmul(&w.narrow(0, r0, k)?)?;
-                    for (a, p) in acc.iter_mut().zip(part.flatten_all()?.to_vec1::<f32>()?) {
-                        *a += p as f64;
-                    }
-                    r0 += k;
-                }
-                Tensor::from_vec(
-                    acc.into_iter().map(|v| v as f32).collect::<Vec<f32>>(),
-                    (n, inp),
-                    g.device(),
-                )
-            }
             Frozen::Dense(w) => g.matmul(w),
             Frozen::Nf4(w) => w.backward_tiles(g),
         }
@@ -327,6 +301,16 @@ impl Proj {
 
 // ------------------------------------------------------------------------------------------------
 // The model
+
+/// HF module path of projection `short` in decoder layer `layer`.
+pub fn module_path(layer: usize, short: &str) -> String {
+    let part = if ["gate_proj", "up_proj", "down_proj"].contains(&short) {
+        "mlp"
+    } else {
+        "self_attn"
+    };
+    format!("model.layers.{layer}.{part}.{short}")
+}
 
 pub struct Layer {
     pub input_norm: Tensor,
@@ -478,12 +462,7 @@ impl Model {
             let p = format!("model.layers.{l}");
             let mut proj = Vec::with_capacity(7);
             for short in ALL_TARGETS {
-                let part = if ["gate_proj", "up_proj", "down_proj"].contains(&short) {
-                    "mlp"
-                } else {
-                    "self_attn"
-                };
-                let path = format!("{p}.{part}.{short}");
+                let path = module_path(l, short);
                 let (mut w, shape) = read_f32(ck, &format!("{path}.weight"))?;
                 if shape.len() != 2 {
                     bail!("{}: tensor {path}.weight is not 2-D", ck.dir.display());

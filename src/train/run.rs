@@ -9,13 +9,14 @@
 
 use super::data::{self, DataOptions, IGNORE, Sample, TextEncoder};
 use super::model::{
-    ALL_TARGETS, BaseDtype, DropoutSource, LoraInit, LoraSpec, Model, causal_lm_loss,
+    ALL_TARGETS, BaseDtype, DropoutSource, LoraInit, LoraSpec, Model, causal_lm_loss, module_path,
 };
 use super::optim::{self, AdamW, AdamWConfig};
 use crate::checkpoint::HfCheckpoint;
 use crate::checkpoint::safetensors::StFile;
 use crate::cli::finetune::{self as cli, Args};
 use crate::cli::usage;
+use crate::lora::adapter::{AdapterConfig, PeftType};
 use crate::output::AtomicFile;
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::{Device, Tensor};
@@ -118,72 +119,47 @@ impl DropoutSource for StepDropout {
     }
 }
 
-/// LoRA settings of an existing PEFT adapter folder.
+/// LoRA settings of an existing PEFT adapter folder (parsed as `ftconv merge` parses it).
 fn adapter_spec(dir: &Path, dropout: f64) -> Result<LoraSpec> {
     let p = dir.join(CONFIG_FILE);
-    let text =
-        std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
-    let v: Value =
-        serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", p.display()))?;
-    let get = |k: &str| v.get(k).filter(|x| !x.is_null());
-    if let Some(t) = get("peft_type").and_then(Value::as_str)
-        && t != "LORA"
-    {
+    let v = crate::checkpoint::read_json_opt(&p)?
+        .ok_or_else(|| anyhow!("{}: missing (not a PEFT adapter folder?)", p.display()))?;
+    let c = AdapterConfig::from_json(&p, &v)?;
+    if c.peft_type != PeftType::Lora || c.use_dora {
         bail!(
-            "{}: peft_type {t:?}; only LORA adapters can be trained",
+            "{}: only plain LoRA adapters can be trained (not DoRA or IA³)",
             p.display()
         );
     }
-    if get("use_dora").and_then(Value::as_bool) == Some(true) {
-        bail!("{}: DoRA adapters cannot be trained by ftconv", p.display());
+    if !c.rank_pattern.is_empty()
+        || !c.alpha_pattern.is_empty()
+        || c.layers_to_transform.is_some()
+        || !c.modules_to_save.is_empty()
+        || c.fan_in_fan_out
+    {
+        bail!(
+            "{}: rank_pattern, alpha_pattern, layers_to_transform, modules_to_save and fan_in_fan_out are not supported for training",
+            p.display()
+        );
     }
-    let rank = get("r")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| anyhow!("{}: key \"r\" is missing", p.display()))? as usize;
-    let alpha = get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
-    let rslora = get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
-    let targets: Vec<String> = match get("target_modules") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_str)
-            .map(|s| s.rsplit('.').next().unwrap_or(s).to_string())
-            .collect(),
-        Some(Value::String(s)) if s == "all-linear" => {
-            ALL_TARGETS.iter().map(|s| s.to_string()).collect()
-        }
-        other => bail!(
-            "{}: target_modules {} is not a list of module names",
-            p.display(),
-            other.map(Value::to_string).unwrap_or("missing".into())
-        ),
-    };
-    for k in ["rank_pattern", "alpha_pattern"] {
-        if get(k)
-            .and_then(Value::as_object)
-            .is_some_and(|m| !m.is_empty())
-        {
-            bail!("{}: {k} is not supported for training", p.display());
-        }
-    }
-    let mut t: Vec<String> = ALL_TARGETS
+    let targets: Vec<String> = ALL_TARGETS
         .iter()
-        .filter(|a| targets.iter().any(|t| t == *a))
+        .filter(|s| c.targets(&module_path(0, s)))
         .map(|s| s.to_string())
         .collect();
-    if t.is_empty() {
+    if targets.is_empty() {
         bail!(
             "{}: target_modules names none of {}",
             p.display(),
             ALL_TARGETS.join(", ")
         );
     }
-    t.dedup();
     Ok(LoraSpec {
-        rank,
-        alpha,
-        rslora,
+        rank: c.r,
+        alpha: c.lora_alpha,
+        rslora: c.use_rslora,
         dropout,
-        targets: t,
+        targets,
     })
 }
 
