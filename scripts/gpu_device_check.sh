@@ -7,7 +7,8 @@
 # then on the GPU machine:
 #   scripts/gpu_device_check.sh            # [NVRTC_LIB_DIR=... if libnvrtc is not on the path]
 # It runs: GPU bytes == CPU bytes for every type (golden and random tensors, >1 chunk), NF4/FP4
-# and double quant, widening and merge; the throughput report (one 7B-shaped layer, GPU vs all
+# and double quant, widening and merge kernels, and the CLI (merge, merge --to, NF4/FP4 with and
+# without adapters, quantize --adapter) with --device cuda vs cpu; the throughput report (one 7B-shaped layer, GPU vs all
 # CPU threads); and `ftconv quantize --device cuda` vs `--device cpu` on the tiny fixture.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,8 @@ if [ -n "${NVRTC_LIB_DIR:-}" ]; then
 fi
 BIN="${GPU_TEST_BIN:-$(ls -t target/release/deps/gpu_kernels-* 2>/dev/null | grep -v '\.d$' | head -1)}"
 FTCONV="${FTCONV:-target/release/ftconv}"
+# the test binary finds the CLI and the fixtures here, not at the paths it was built with
+export FTCONV_BIN="$(realpath "$FTCONV")" FTCONV_REPO="$(pwd)"
 [ -x "$BIN" ] || { echo "gpu_device_check: no gpu_kernels test binary (build it first)" >&2; exit 1; }
 command -v nvidia-smi >/dev/null && nvidia-smi -L || true
 

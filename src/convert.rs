@@ -185,6 +185,22 @@ impl RowSource for Permuted {
             for (i, o) in out.iter_mut().enumerate() {
                 *o = all[arch::permuted_source_row(i, cols, self.heads)];
             }
+        } else if self.inner.prefers_batches() {
+            // one read of the source rows these rows come from (a permutation stays within a
+            // head, so they are a compact range), then the rows in their new order
+            let n = out.len() / cols;
+            let src: Vec<usize> = (0..n)
+                .map(|k| arch::permuted_source_row(row0 + k, rows, self.heads))
+                .collect();
+            let (lo, hi) = (
+                src.iter().copied().min().unwrap_or(0),
+                src.iter().copied().max().unwrap_or(0),
+            );
+            let mut buf = vec![0f32; (hi + 1 - lo) * cols];
+            self.inner.read_rows(lo, &mut buf)?;
+            for (chunk, s) in out.chunks_exact_mut(cols).zip(src) {
+                chunk.copy_from_slice(&buf[(s - lo) * cols..(s - lo + 1) * cols]);
+            }
         } else {
             for (k, chunk) in out.chunks_exact_mut(cols).enumerate() {
                 let src = arch::permuted_source_row(row0 + k, rows, self.heads);
@@ -195,6 +211,9 @@ impl RowSource for Permuted {
     }
     fn release(&self) {
         self.inner.release()
+    }
+    fn prefers_batches(&self) -> bool {
+        self.inner.prefers_batches()
     }
 }
 
@@ -218,6 +237,9 @@ impl RowSource for Rounded {
     }
     fn release(&self) {
         self.inner.release()
+    }
+    fn prefers_batches(&self) -> bool {
+        self.inner.prefers_batches()
     }
 }
 
@@ -348,4 +370,52 @@ pub fn plan_safetensors(path: &Path, opts: &QuantOptions) -> Result<Plan> {
         ..opts.clone()
     };
     Ok(finish_plan(pending, md, &info, &opts, f.len_bytes() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows that ask to be read in whole batches (as a merge on the GPU does).
+    struct Batched(VecRows);
+
+    impl RowSource for Batched {
+        fn rows(&self) -> usize {
+            self.0.rows()
+        }
+        fn cols(&self) -> usize {
+            self.0.cols()
+        }
+        fn read_rows(&self, row0: usize, out: &mut [f32]) -> Result<()> {
+            self.0.read_rows(row0, out)
+        }
+        fn prefers_batches(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn permuted_batch_reads_equal_row_reads() {
+        let (rows, cols, heads) = (48usize, 5usize, 4usize);
+        let data: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+        let by_row = Permuted {
+            inner: Box::new(VecRows {
+                data: data.clone(),
+                cols,
+            }),
+            heads,
+        };
+        let batched = Permuted {
+            inner: Box::new(Batched(VecRows { data, cols })),
+            heads,
+        };
+        assert!(batched.prefers_batches() && !by_row.prefers_batches());
+        for (row0, n) in [(0, rows), (3, 17), (12, 12), (47, 1)] {
+            let mut a = vec![0f32; n * cols];
+            let mut b = vec![0f32; n * cols];
+            by_row.read_rows(row0, &mut a).unwrap();
+            batched.read_rows(row0, &mut b).unwrap();
+            assert_eq!(a, b, "rows {row0}..{}", row0 + n);
+        }
+    }
 }

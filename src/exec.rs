@@ -151,7 +151,7 @@ pub fn run_tensor_on(
         .div_ceil(rows_per_chunk)
         * rows_per_chunk;
     let mut total = ErrAcc::default();
-    if backend.runs_on_gpu(t.target) {
+    if backend.runs_on_gpu(t.target) || t.source.prefers_batches() {
         gpu_batches(t, measure, backend, &mut total, &mut sink, &mut on_rows)?;
         return Ok(finish_tensor(t, measure, &total));
     }
@@ -181,7 +181,9 @@ pub fn run_tensor_on(
 }
 
 /// The GPU loop of [`run_tensor_on`]: read batch k+1 on the CPU threads while the GPU
-/// quantizes batch k, then validate/measure and hand batch k to `sink`.
+/// quantizes batch k, then validate/measure and hand batch k to `sink`. Also the loop for
+/// sources that work on whole batches themselves (an adapter merge on the GPU), whatever
+/// `backend` quantizes.
 fn gpu_batches(
     t: &PlannedTensor,
     measure: bool,
@@ -199,7 +201,11 @@ fn gpu_batches(
         .div_ceil(rows_per_chunk)
         * rows_per_chunk;
     let mut out = vec![0u8; rows_per_batch.min(rows) * row_bytes];
+    let whole = t.source.prefers_batches();
     let read = |row0: usize, buf: &mut [f32]| -> Result<()> {
+        if whole {
+            return read_checked(t, row0, buf);
+        }
         buf.par_chunks_mut(rows_per_chunk * cols)
             .enumerate()
             .try_for_each(|(k, c)| read_checked(t, row0 + k * rows_per_chunk, c))

@@ -18,6 +18,11 @@ pub trait RowSource: Send + Sync {
     fn read_rows(&self, row0: usize, out: &mut [f32]) -> Result<()>;
     /// Done with this tensor: let the memory of its inputs go.
     fn release(&self) {}
+    /// Whether whole batches should be read in one call (the source does its own parallel
+    /// work, e.g. a merge on the GPU) rather than in many small calls from the CPU threads.
+    fn prefers_batches(&self) -> bool {
+        false
+    }
 }
 
 /// Rounding applied after reading (what a detour through an F16/BF16 file does).

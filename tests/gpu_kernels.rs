@@ -5,13 +5,17 @@
 //! - Host emulation: the same kernel sources built as C++ by the host compiler (no GPU needed)
 //!   reproduce llama.cpp's golden bytes for every GGUF type and bitsandbytes' golden NF4 bytes
 //!   (fixtures/golden, made by those tools), and IEEE conversions checked against `half`.
-//! - CLI without a driver: `--device auto` says why in one line and writes the CPU's bytes;
-//!   `--device cuda` fails cleanly (exit 1, nothing written).
+//! - Host emulation of the merge kernels: the CPU merge's own steps (equal to PEFT's
+//!   merge_and_unload bit for bit) give the same f32 bits through merge.cu.
+//! - CLI without a driver: `--device auto` says why in one line and writes the CPU's bytes
+//!   (quantize, merge, NF4 with and without adapters); `--device cuda` fails cleanly (exit 1,
+//!   nothing written).
 //! - On a GPU: GPU bytes == CPU bytes for every type (skipped when no GPU is usable).
 
 mod common;
 use common::*;
-use ftconv::gpu::{self, DoubleQuantRounding, Dtype, FourBitTable, LoraLayout};
+use ftconv::gpu::{self, DoubleQuantRounding, Dtype, FourBitTable, MergeStep};
+use ftconv::lora::merge::{FloatType, Layout, LoraDelta, LoraTerm, Op, merge_dense};
 use ftconv::quant::{self, GgmlType};
 use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
@@ -527,134 +531,208 @@ fn bf16_round(v: f32) -> f32 {
     half::bf16::from_f32(v).to_f32()
 }
 
-/// PEFT's merge, written out in the test: delta = (B·A) accumulated over the rank in order,
-/// times the scale, in the weight's layout (embedding: delta rounded to bf16 first).
-#[allow(clippy::too_many_arguments)]
-fn merge_expected(
-    w: &[f32],
-    a: &[f32],
-    b: &[f32],
-    rows: usize,
-    cols: usize,
-    r: usize,
-    scale: f32,
-    layout: LoraLayout,
-) -> Vec<f32> {
-    let mut v = vec![0f32; rows * cols];
-    for row in 0..rows {
-        for col in 0..cols {
-            let (o, i, a_cols) = match layout {
-                LoraLayout::Linear => (row, col, cols),
-                LoraLayout::Conv1D | LoraLayout::Embedding => (col, row, rows),
+/// Adapter merges built from the CPU merge's own steps (`lora::merge::Op`, which equals PEFT's
+/// merge_and_unload bit for bit: tests/cli_merge.rs, scripts/interop/merge.sh) on a
+/// [rows, cols] weight: every layout and dtype, one adapter and PEFT's two-adapter `cat`
+/// combination, DoRA per row and per column, lora_bias and IA³ vectors, chained steps.
+fn merge_cases(rows: usize, cols: usize) -> Vec<(String, FloatType, Vec<Op>)> {
+    let term =
+        |r: usize, a_cols: usize, b_rows: usize, seed: u64, scaling: f32, weight: f32| LoraTerm {
+            a: gaussian(r * a_cols, 0.05, seed),
+            b: gaussian(b_rows * r, 0.05, seed + 1),
+            r,
+            scaling,
+            weight,
+        };
+    let positive = |n: usize, seed: u64| -> Vec<f32> {
+        gaussian(n, 1.0, seed)
+            .iter()
+            .map(|v| v.abs() + 0.1)
+            .collect()
+    };
+    let mut cases = vec![];
+    for ty in [FloatType::BF16, FloatType::F16, FloatType::F32] {
+        for layout in [Layout::Linear, Layout::Conv1D, Layout::Embedding] {
+            // Linear: W [out, in] = [rows, cols]; Conv1D / Embedding: W [in, out] = [rows, cols]
+            let (a_cols, b_rows) = if layout == Layout::Linear {
+                (cols, rows)
+            } else {
+                (rows, cols)
             };
-            let mut acc = 0f32;
-            for k in 0..r {
-                acc += b[o * r + k] * a[k * a_cols + i];
-            }
-            let mut d = acc * scale;
-            if layout == LoraLayout::Embedding {
-                d = bf16_round(d);
-            }
-            v[row * cols + col] = w[row * cols + col] + d;
+            let one = LoraDelta::new(layout, &[term(8, a_cols, b_rows, 1, 2.0, 1.0)]);
+            let two = LoraDelta::new(
+                layout,
+                &[
+                    term(8, a_cols, b_rows, 3, 0.5, 0.7),
+                    term(4, a_cols, b_rows, 5, 4.0, 0.3),
+                ],
+            );
+            let add = |d: LoraDelta| {
+                if layout == Layout::Embedding {
+                    Op::AddRounded(d)
+                } else {
+                    Op::Add(d)
+                }
+            };
+            let name = |what: &str| format!("{ty:?} {layout:?} {what}");
+            cases.push((name("one adapter"), ty, vec![add(one.clone())]));
+            cases.push((name("two adapters"), ty, vec![add(two.clone())]));
+            let per_column = layout.transposed();
+            cases.push((
+                name("DoRA"),
+                ty,
+                vec![Op::Dora {
+                    delta: one,
+                    magnitude: positive(if per_column { cols } else { rows }, 7),
+                    per_column,
+                }],
+            ));
         }
+        let d = LoraDelta::new(Layout::Linear, &[term(16, cols, rows, 9, 1.0, 1.0)]);
+        cases.push((
+            format!("{ty:?} LoRA, lora_bias, IA3 rows and columns"),
+            ty,
+            vec![
+                Op::Add(d),
+                Op::AddVec(gaussian(cols, 0.1, 11)),
+                Op::Scale {
+                    l: positive(rows, 12),
+                    per_row: true,
+                },
+                Op::Scale {
+                    l: positive(cols, 13),
+                    per_row: false,
+                },
+            ],
+        ));
     }
-    v
+    cases
+}
+
+/// The GPU merge steps of `op` on all rows of `x` (the column norms of a per-column DoRA
+/// step computed by the CPU, as `MergedRows` does), passed to `run`.
+fn merge_with_steps(
+    x: &mut Vec<f32>,
+    cols: usize,
+    ops: &[Op],
+    mut run: impl FnMut(&mut Vec<f32>, &[MergeStep]),
+) {
+    let rows = x.len() / cols;
+    for op in ops {
+        let norms = matches!(
+            op,
+            Op::Dora {
+                per_column: true,
+                ..
+            }
+        )
+        .then(|| ftconv::lora::merge::column_norms_dense(x, rows, cols, op));
+        let mut steps = vec![];
+        op.gpu_steps(0..rows, norms.as_deref(), &mut steps).unwrap();
+        run(x, &steps);
+    }
+}
+
+/// merge.cu's kernels built for the host, one harness call per step (as `Gpu::merge_rows`
+/// launches them).
+fn host_merge_steps(h: &Path, x: &mut Vec<f32>, cols: usize, dt: Dtype, steps: &[MergeStep]) {
+    let rows = x.len() / cols;
+    let s = Scratch::new();
+    let (d, r, c) = ((dt as i32).to_string(), rows.to_string(), cols.to_string());
+    for st in steps {
+        let px = s.put("x", &f32_bytes(x));
+        let out = s.path("y");
+        let args: Vec<String> = match *st {
+            MergeStep::Lora {
+                coef,
+                mat,
+                r: rank,
+                post_scale,
+                mode,
+            } => vec![
+                "lora_rows".into(),
+                (mode as i32).to_string(),
+                d.clone(),
+                r.clone(),
+                c.clone(),
+                rank.to_string(),
+                format!("{:08x}", post_scale.to_bits()),
+                px,
+                s.put("coef", &f32_bytes(coef)),
+                s.put("mat", &f32_bytes(mat)),
+                out,
+            ],
+            MergeStep::DoraRows { magnitude } => vec![
+                "dora_rows".into(),
+                d.clone(),
+                r.clone(),
+                c.clone(),
+                px,
+                s.put("mag", &f32_bytes(magnitude)),
+                out,
+            ],
+            MergeStep::DoraCols { magnitude, norms } => vec![
+                "dora_cols".into(),
+                d.clone(),
+                r.clone(),
+                c.clone(),
+                px,
+                s.put("mag", &f32_bytes(magnitude)),
+                s.put("norms", &f32_bytes(norms)),
+                out,
+            ],
+            MergeStep::AddVec(v) | MergeStep::ScaleRows(v) | MergeStep::ScaleCols(v) => {
+                let mode = match *st {
+                    MergeStep::AddVec(_) => 0,
+                    MergeStep::ScaleRows(_) => 1,
+                    _ => 2,
+                };
+                vec![
+                    "vec_op".into(),
+                    mode.to_string(),
+                    d.clone(),
+                    r.clone(),
+                    c.clone(),
+                    px,
+                    s.put("v", &f32_bytes(v)),
+                    out,
+                ]
+            }
+        };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_harness(h, &args);
+        *x = f32s(&s.get("y"));
+    }
+}
+
+fn assert_same_f32(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a.to_bits() != b.to_bits())
+    {
+        panic!("{what}: element {i}: {} vs {} (CPU)", got[i], want[i]);
+    }
 }
 
 #[test]
-fn host_lora_merge_and_dora_follow_peft_formula() {
+fn host_merge_kernels_equal_the_cpu_merge() {
     let Some(h) = harness() else { return };
-    let (rows, cols, r) = (24usize, 40usize, 4usize);
-    let scale = 16.0f32 / 4.0;
-    let w: Vec<f32> = gaussian(rows * cols, 0.02, 1)
-        .into_iter()
-        .map(bf16_round)
-        .collect();
-    for (li, layout) in [
-        LoraLayout::Linear,
-        LoraLayout::Conv1D,
-        LoraLayout::Embedding,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let (a_len, b_len) = match layout {
-            LoraLayout::Linear => (r * cols, rows * r),
-            _ => (r * rows, cols * r),
-        };
-        let a = gaussian(a_len, 0.05, 10 + li as u64);
-        let b = gaussian(b_len, 0.05, 20 + li as u64);
-        let s = Scratch::new();
-        let (pw, pa, pb) = (
-            s.put("w", &f32_bytes(&w)),
-            s.put("a", &f32_bytes(&a)),
-            s.put("b", &f32_bytes(&b)),
-        );
-        run_harness(
-            h,
-            &[
-                "merge",
-                &(layout as i32).to_string(),
-                &(Dtype::BF16 as i32).to_string(),
-                &rows.to_string(),
-                &cols.to_string(),
-                &r.to_string(),
-                &format!("{:08x}", scale.to_bits()),
-                &pw,
-                &pa,
-                &pb,
-                &s.path("v"),
-            ],
-        );
-        let got = f32s(&s.get("v"));
-        let want = merge_expected(&w, &a, &b, rows, cols, r, scale, layout);
-        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g.to_bits(), e.to_bits(), "{layout:?} element {i}");
-        }
-        // DoRA on the merged V: norm per row (Linear) or per column, then (m / n)·V in bf16
-        let by_row = layout == LoraLayout::Linear;
-        let count = if by_row { rows } else { cols };
-        let mag: Vec<f32> = gaussian(count, 1.0, 30).iter().map(|v| v.abs()).collect();
-        let pv = s.put("vin", &f32_bytes(&got));
-        let pm = s.put("m", &f32_bytes(&mag));
-        run_harness(
-            h,
-            &[
-                "dora",
-                if by_row { "1" } else { "0" },
-                &(Dtype::BF16 as i32).to_string(),
-                &rows.to_string(),
-                &cols.to_string(),
-                &pv,
-                &pm,
-                &s.path("d"),
-            ],
-        );
-        let d = s.get("d");
-        let norms: Vec<f32> = (0..count)
-            .map(|t| {
-                let mut acc = 0f32;
-                for k in 0..(if by_row { cols } else { rows }) {
-                    let x = if by_row {
-                        got[t * cols + k]
-                    } else {
-                        got[k * cols + t]
-                    };
-                    acc += x * x;
-                }
-                acc.sqrt()
-            })
-            .collect();
-        for i in 0..rows * cols {
-            let k = if by_row { i / cols } else { i % cols };
-            let e = half::bf16::from_f32((mag[k] / norms[k]) * got[i]).to_bits();
-            assert_eq!(
-                u16::from_le_bytes([d[2 * i], d[2 * i + 1]]),
-                e,
-                "{layout:?} DoRA element {i}"
-            );
-        }
+    let (rows, cols) = (37usize, 300usize);
+    let w = gaussian(rows * cols, 0.02, 1);
+    let cases = merge_cases(rows, cols);
+    for (name, ty, ops) in &cases {
+        let mut want = w.clone();
+        merge_dense(&mut want, cols, *ty, ops);
+        let mut x = w.clone();
+        ty.round(&mut x);
+        merge_with_steps(&mut x, cols, ops, |x, steps| {
+            host_merge_steps(h, x, cols, ty.gpu_dtype(), steps)
+        });
+        assert_same_f32(&x, &want, name);
     }
+    assert_eq!(cases.len(), 30);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -753,21 +831,147 @@ fn device_flag_rejects_unknown_values() {
         "tpu",
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    // NF4/FP4 are written on the CPU: asking for the GPU is a usage error, not a silent CPU run
+}
+
+/// A LoRA (or DoRA) adapter for tiny-llama on q_proj, gate_proj and embed_tokens.
+fn tiny_adapter(dir: &Path, dora: bool) {
+    let p = "base_model.model.model.";
+    let (h, ff, vocab, r) = (256usize, 512usize, 512usize, 8usize);
+    let mut ts = vec![
+        (format!("{p}embed_tokens.lora_embedding_A"), vec![r, vocab]),
+        (format!("{p}embed_tokens.lora_embedding_B"), vec![h, r]),
+        (
+            format!("{p}layers.0.self_attn.q_proj.lora_A.weight"),
+            vec![r, h],
+        ),
+        (
+            format!("{p}layers.0.self_attn.q_proj.lora_B.weight"),
+            vec![h, r],
+        ),
+        (
+            format!("{p}layers.1.mlp.gate_proj.lora_A.weight"),
+            vec![r, h],
+        ),
+        (
+            format!("{p}layers.1.mlp.gate_proj.lora_B.weight"),
+            vec![ff, r],
+        ),
+    ];
+    if dora {
+        // per output row (Linear) and per column (the embedding)
+        ts.push((format!("{p}embed_tokens.lora_magnitude_vector"), vec![h]));
+        ts.push((
+            format!("{p}layers.0.self_attn.q_proj.lora_magnitude_vector"),
+            vec![h],
+        ));
+        ts.push((
+            format!("{p}layers.1.mlp.gate_proj.lora_magnitude_vector"),
+            vec![ff],
+        ));
+    }
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = ts
+        .into_iter()
+        .enumerate()
+        .map(|(k, (n, shape))| {
+            let len = shape.iter().product();
+            let v = if n.ends_with("magnitude_vector") {
+                vec![0.5; len]
+            } else {
+                gaussian(len, 0.1, 40 + k as u64)
+            };
+            (n, shape, v)
+        })
+        .collect();
+    let config = serde_json::json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 16,
+        "target_modules": ["q_proj", "gate_proj", "embed_tokens"],
+        "base_model_name_or_path": "tiny-llama", "bias": "none", "fan_in_fan_out": false,
+        "use_rslora": false, "use_dora": dora
+    });
+    write_f32_adapter(dir, &config, &tensors);
+}
+
+/// Every file of a folder, by name.
+fn folder_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    list(dir)
+        .into_iter()
+        .map(|n| {
+            let b = std::fs::read(dir.join(&n)).unwrap();
+            (n, b)
+        })
+        .collect()
+}
+
+#[test]
+fn merge_and_nf4_device_auto_without_gpu_write_the_cpu_bytes() {
+    if gpu_present() {
+        eprintln!("skipped: a GPU is usable here");
+        return;
+    }
     let d = tempfile::tempdir().unwrap();
-    let out = d.path().join("nf4");
-    let o = run(&[
-        "quantize",
-        fixture("tiny-llama").to_str().unwrap(),
-        "--to",
-        "nf4",
-        "-o",
+    let base = fixture("tiny-llama");
+    let ad = d.path().join("adapter");
+    tiny_adapter(&ad, true);
+    let (b, a) = (base.to_str().unwrap(), ad.to_str().unwrap());
+    let jobs: [(&str, Vec<&str>); 3] = [
+        ("merge", vec!["merge", b, a]),
+        ("nf4", vec!["quantize", b, "--to", "nf4"]),
+        (
+            "nf4+adapter",
+            vec!["quantize", b, "--to", "nf4", "--adapter", a],
+        ),
+    ];
+    for (name, args) in jobs {
+        let mut outs = vec![];
+        for dev in ["auto", "cpu"] {
+            let out = d.path().join(format!("{name}-{dev}"));
+            let mut full = args.clone();
+            full.extend(["-o", out.to_str().unwrap(), "--device", dev]);
+            let o = run(&full);
+            let err = stderr(&o);
+            assert!(o.status.success(), "{name} --device {dev}: {err}");
+            let lines: Vec<&str> = err.lines().filter(|l| l.contains("CUDA")).collect();
+            assert_eq!(lines.len(), usize::from(dev == "auto"), "{name}: {err}");
+            if dev == "auto" {
+                assert!(lines[0].starts_with("ftconv: CUDA unavailable ("), "{err}");
+            }
+            outs.push(folder_bytes(&out));
+        }
+        assert!(!outs[0].is_empty());
+        assert!(outs[0] == outs[1], "{name}: auto and cpu outputs differ");
+    }
+}
+
+#[test]
+fn merge_and_nf4_device_cuda_without_gpu_fail_cleanly() {
+    if gpu_present() {
+        eprintln!("skipped: a GPU is usable here");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let base = fixture("tiny-llama");
+    let ad = d.path().join("adapter");
+    tiny_adapter(&ad, false);
+    let out_dir = d.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("x");
+    let (b, a, o_) = (
+        base.to_str().unwrap(),
+        ad.to_str().unwrap(),
         out.to_str().unwrap(),
-        "--device",
-        "cuda",
-    ]);
-    assert_fails(&o, 2, "--device cuda: --to NF4 runs on the CPU");
-    assert!(list(d.path()).is_empty());
+    );
+    for args in [
+        vec!["merge", b, a, "-o", o_],
+        vec!["merge", b, a, "--to", "q8_0", "-o", o_],
+        vec!["quantize", b, "--to", "nf4", "-o", o_],
+        vec!["quantize", b, "--to", "fp4", "--adapter", a, "-o", o_],
+    ] {
+        let mut full = args.clone();
+        full.extend(["--device", "cuda"]);
+        let o = run(&full);
+        assert_fails(&o, 1, "--device cuda: no usable GPU (");
+        assert!(list(&out_dir).is_empty(), "{args:?}: nothing written");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -901,7 +1105,7 @@ fn gpu_4bit_equals_bitsandbytes_and_host_bytes() {
 }
 
 #[test]
-fn gpu_widen_and_merge_equal_the_host_build() {
+fn gpu_widen_and_merge_equal_the_cpu() {
     let Some(g) = gpu_or_skip() else { return };
     let all: Vec<u8> = (0..=u16::MAX).flat_map(|h| h.to_le_bytes()).collect();
     for dt in [Dtype::F16, Dtype::BF16] {
@@ -915,37 +1119,61 @@ fn gpu_widen_and_merge_equal_the_host_build() {
             assert!(v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan()));
         }
     }
-    let (rows, cols, r) = (96usize, 80usize, 8usize);
-    let w: Vec<f32> = gaussian(rows * cols, 0.02, 1)
-        .into_iter()
-        .map(bf16_round)
-        .collect();
-    for layout in [
-        LoraLayout::Linear,
-        LoraLayout::Conv1D,
-        LoraLayout::Embedding,
-    ] {
-        let (a_len, b_len) = match layout {
-            LoraLayout::Linear => (r * cols, rows * r),
-            _ => (r * rows, cols * r),
-        };
-        let a = gaussian(a_len, 0.05, 2);
-        let b = gaussian(b_len, 0.05, 3);
-        let v = g
-            .lora_merge(&w, &a, &b, rows, cols, r, 2.0, layout, Dtype::BF16)
-            .unwrap();
-        let want = merge_expected(&w, &a, &b, rows, cols, r, 2.0, layout);
-        assert!(
-            v.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "{layout:?} merge"
-        );
-        let by_row = layout == LoraLayout::Linear;
-        let count = if by_row { rows } else { cols };
-        let mag: Vec<f32> = gaussian(count, 1.0, 4).iter().map(|x| x.abs()).collect();
-        let out = g
-            .dora_apply(&v, &mag, rows, cols, by_row, Dtype::BF16)
-            .unwrap();
-        assert_eq!(out.len(), rows * cols * 2);
+    // every merge case, and one tensor larger than a GPU chunk (16 Mi values: two chunks)
+    for (rows, cols) in [(37usize, 300usize), (4100, 4096)] {
+        let w = gaussian(rows * cols, 0.02, 1);
+        let cases = merge_cases(rows, cols);
+        let n = if rows > 1000 { 1 } else { cases.len() };
+        for (name, ty, ops) in cases.iter().take(n) {
+            let mut want = w.clone();
+            merge_dense(&mut want, cols, *ty, ops);
+            let mut x = w.clone();
+            ty.round(&mut x);
+            merge_with_steps(&mut x, cols, ops, |x, steps| {
+                g.merge_rows(x, cols, ty.gpu_dtype(), steps).unwrap()
+            });
+            assert_same_f32(&x, &want, &format!("{name} ({rows}x{cols})"));
+        }
+    }
+}
+
+#[test]
+fn gpu_cli_merge_nf4_and_package_equal_the_cpu() {
+    let Some(_) = gpu_or_skip() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let base = fixture("tiny-llama");
+    let ad = d.path().join("adapter");
+    tiny_adapter(&ad, true);
+    let (b, a) = (base.to_str().unwrap(), ad.to_str().unwrap());
+    let jobs: [(&str, Vec<&str>); 5] = [
+        ("merge", vec!["merge", b, a]),
+        ("merge-q4km", vec!["merge", b, a, "--to", "q4_k_m"]),
+        ("nf4", vec!["quantize", b, "--to", "nf4"]),
+        (
+            "fp4+adapter",
+            vec!["quantize", b, "--to", "fp4", "--adapter", a],
+        ),
+        (
+            "q6k+adapter",
+            vec!["quantize", b, "--to", "q6_k", "--adapter", a],
+        ),
+    ];
+    for (name, args) in jobs {
+        let mut outs = vec![];
+        for dev in ["cuda", "cpu"] {
+            let out = d.path().join(format!("{name}-{dev}"));
+            let mut full = args.clone();
+            full.extend(["-o", out.to_str().unwrap(), "--device", dev]);
+            let o = run(&full);
+            assert!(o.status.success(), "{name} --device {dev}: {}", stderr(&o));
+            outs.push(if out.is_dir() {
+                folder_bytes(&out)
+            } else {
+                vec![(name.to_string(), std::fs::read(&out).unwrap())]
+            });
+        }
+        assert!(outs[0] == outs[1], "{name}: GPU and CPU outputs differ");
+        eprintln!("{name}: GPU output identical to the CPU's");
     }
 }
 

@@ -317,6 +317,7 @@ struct Cache {
 }
 
 /// Make `cache` hold module `m`'s statistics (and packed codes when `need_packed`).
+#[allow(clippy::too_many_arguments)]
 fn ensure_stats<'a>(
     cache: &'a mut Option<Cache>,
     w: &TensorRef,
@@ -325,6 +326,7 @@ fn ensure_stats<'a>(
     qt: QuantType,
     offset: Option<f32>,
     over: &Overrides,
+    backend: &crate::gpu::Backend,
 ) -> Result<&'a Cache> {
     let fresh = match cache.as_ref() {
         Some(c) => c.module != m || (need_packed && c.packed.is_none()),
@@ -333,14 +335,23 @@ fn ensure_stats<'a>(
     if fresh {
         let x = read_values(w, over)?;
         let (absmax, packed) = if need_packed {
-            let (p, a) = nf4::quantize_4bit(qt, &x);
+            let (p, a) = backend
+                .quantize_4bit(qt, &x)
+                .with_context(|| format!("tensor {:?}", w.name))?;
             (a, Some(p))
         } else {
             (absmax_of(&x), None)
         };
         drop(x);
         w.release();
-        let nested = offset.map(|off| nf4::double_quant_with_offset(&absmax, off));
+        let nested = match offset {
+            Some(off) => Some(
+                backend
+                    .double_quant(&absmax, off)
+                    .with_context(|| format!("tensor {:?}", w.name))?,
+            ),
+            None => None,
+        };
         *cache = Some(Cache {
             module: m,
             absmax,
@@ -390,7 +401,11 @@ fn read_values(t: &TensorRef, over: &Overrides) -> Result<Vec<f32>> {
             t.shape
         );
     }
-    let rows_per = ((1usize << 20) / cols).max(1);
+    let rows_per = if r.prefers_batches() {
+        r.rows().max(1)
+    } else {
+        ((1usize << 20) / cols).max(1)
+    };
     x.par_chunks_mut(rows_per * cols)
         .enumerate()
         .try_for_each(|(i, c)| r.read_rows(i * rows_per, c))?;
@@ -445,17 +460,26 @@ pub fn write(
     dir: &AtomicDir,
     progress: &dyn Fn(usize, usize, &str),
 ) -> Result<Bnb4Summary> {
-    write_merged(ck, plan, dir, progress, &Overrides::new())
+    write_merged(
+        ck,
+        plan,
+        dir,
+        progress,
+        &Overrides::new(),
+        &crate::gpu::Backend::Cpu,
+    )
 }
 
 /// [`write`], with some source tensors' values replaced by `over` (adapters merged in the
-/// same pass: the result equals merging to a folder, then quantizing that).
+/// same pass: the result equals merging to a folder, then quantizing that), the 4-bit and
+/// double quantization on `backend`.
 pub fn write_merged(
     ck: &HfCheckpoint,
     plan: &mut Bnb4Plan,
     dir: &AtomicDir,
     progress: &dyn Fn(usize, usize, &str),
     over: &Overrides,
+    backend: &crate::gpu::Backend,
 ) -> Result<Bnb4Summary> {
     // The JSON blob length depends on the offset's digits: compute every module's offset first
     // (absmax only, cheap), fix the plan, then write.
@@ -508,18 +532,45 @@ pub fn write_merged(
             Part::QuantMap => out.write_all(&f32_bytes(&qt.table()))?,
             Part::NestedQuantMap => out.write_all(&f32_bytes(nf4::dynamic_map()))?,
             Part::Packed(m) => {
-                let c = ensure_stats(&mut cache, &quantized[*m], *m, true, qt, offsets[*m], over)?;
+                let c = ensure_stats(
+                    &mut cache,
+                    &quantized[*m],
+                    *m,
+                    true,
+                    qt,
+                    offsets[*m],
+                    over,
+                    backend,
+                )?;
                 out.write_all(c.packed.as_ref().unwrap())?;
             }
             Part::Absmax(m) => {
-                let c = ensure_stats(&mut cache, &quantized[*m], *m, false, qt, offsets[*m], over)?;
+                let c = ensure_stats(
+                    &mut cache,
+                    &quantized[*m],
+                    *m,
+                    false,
+                    qt,
+                    offsets[*m],
+                    over,
+                    backend,
+                )?;
                 match &c.nested {
                     Some(n) => out.write_all(&n.codes)?,
                     None => out.write_all(&f32_bytes(&c.absmax))?,
                 }
             }
             Part::NestedAbsmax(m) => {
-                let c = ensure_stats(&mut cache, &quantized[*m], *m, false, qt, offsets[*m], over)?;
+                let c = ensure_stats(
+                    &mut cache,
+                    &quantized[*m],
+                    *m,
+                    false,
+                    qt,
+                    offsets[*m],
+                    over,
+                    backend,
+                )?;
                 out.write_all(&f32_bytes(&c.nested.as_ref().unwrap().nested_absmax))?;
             }
             Part::QuantState(m) => out.write_all(infos[*m].to_json().as_bytes())?,

@@ -46,7 +46,8 @@ pub struct Args {
     /// Print the result (or the plan) as JSON on stdout.
     #[arg(long)]
     pub json: bool,
-    /// With --to: quantize on auto (the GPU when one is usable), cpu, or cuda (the GPU, or fail).
+    /// Where to merge (and, with --to, quantize): auto (the GPU when one is usable), cpu, or
+    /// cuda (the GPU, or fail). The bytes are the same on either.
     #[arg(long, value_enum, default_value_t = crate::gpu::DeviceChoice::Auto)]
     pub device: crate::gpu::DeviceChoice,
 }
@@ -177,6 +178,8 @@ fn run_hf(
     }
     crate::output::check_output_dir(&a.output)?;
     check_not_input(&a.output, inputs)?;
+    // the merged rows run on the GPU chosen here (gpu::active)
+    let (_, device_line) = crate::gpu::select(a.device)?;
     let start = Instant::now();
     let total = plan.total_bytes();
     let pb = progress_bar(total, quiet);
@@ -186,6 +189,9 @@ fn run_hf(
         pb.set_position(done);
     })?;
     pb.finish_and_clear();
+    if let (Some(line), false) = (device_line, quiet) {
+        eprintln!("{line}");
+    }
     let secs = start.elapsed().as_secs_f64();
     let merged = plan.tensors.iter().filter(|t| !t.is_plain_copy()).count();
     if a.json {

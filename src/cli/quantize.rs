@@ -93,13 +93,6 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     set_threads(a.threads)?;
     let ftype = match a.to {
         Target::Gguf(f) => f,
-        Target::Nf4 | Target::Fp4 if a.device == DeviceChoice::Cuda => {
-            // the kernels exist (gpu::Gpu::quantize_4bit) but the NF4 writer runs on the CPU
-            return Err(usage(format!(
-                "--device cuda: --to {} runs on the CPU in this version (use --device auto or cpu)",
-                a.to.name()
-            )));
-        }
         Target::Nf4 | Target::Fp4 => return run_bnb4(a, quiet),
     };
     if a.no_double_quant || !a.skip.is_empty() {
@@ -276,6 +269,7 @@ fn run_bnb4(a: Args, quiet: bool) -> Result<()> {
     if same_file(&a.src, &out) {
         return Err(usage("input and output paths must differ"));
     }
+    let (backend, device_line) = crate::gpu::select(a.device)?;
     let t0 = std::time::Instant::now();
     let dir = crate::output::AtomicDir::create(&out)?;
     let total = plan.writer.tensors().len() as u64;
@@ -284,8 +278,11 @@ fn run_bnb4(a: Args, quiet: bool) -> Result<()> {
         pb.set_position(done as u64);
         pb.set_message(name.to_string());
     };
-    let summary = bnb::write_merged(&ck, &mut plan, &dir, &progress, &over)?;
+    let summary = bnb::write_merged(&ck, &mut plan, &dir, &progress, &over, &backend)?;
     pb.finish_and_clear();
+    if let (Some(line), false) = (device_line, quiet) {
+        eprintln!("{line}");
+    }
     dir.commit()?;
     let secs = t0.elapsed().as_secs_f64();
     if a.json {

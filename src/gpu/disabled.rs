@@ -44,31 +44,13 @@ impl Gpu {
         match *self {}
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn lora_merge(
+    pub fn merge_rows(
         &self,
-        _w: &[f32],
-        _a: &[f32],
-        _b: &[f32],
-        _rows: usize,
+        _x: &mut [f32],
         _cols: usize,
-        _rank: usize,
-        _scale: f32,
-        _layout: super::LoraLayout,
         _dtype: Dtype,
-    ) -> Result<Vec<f32>> {
-        match *self {}
-    }
-
-    pub fn dora_apply(
-        &self,
-        _v: &[f32],
-        _magnitude: &[f32],
-        _rows: usize,
-        _cols: usize,
-        _by_row: bool,
-        _dtype: Dtype,
-    ) -> Result<Vec<u8>> {
+        _steps: &[super::MergeStep],
+    ) -> Result<()> {
         match *self {}
     }
 }

@@ -6,7 +6,7 @@
 //! silenced, so nothing but our one line reaches stderr).
 
 use super::{
-    DoubleQuantRounding, Dtype, ENTRY_POINTS, FourBitTable, GpuUnavailable, LoraLayout, MODULES,
+    DoubleQuantRounding, Dtype, ENTRY_POINTS, FourBitTable, GpuUnavailable, MODULES, MergeStep,
     kernel_for, nvrtc_options,
 };
 use crate::quant::GgmlType;
@@ -37,6 +37,10 @@ pub struct Gpu {
     nvrtc: (i32, i32),
     modules: [OnceLock<std::result::Result<Arc<CudaModule>, String>>; MODULES.len()],
     lanes: Mutex<Vec<Lane>>,
+    /// Merges run one at a time (they are called from the reading threads), on their own
+    /// stream so they overlap the quantization lanes.
+    merge_lock: Mutex<()>,
+    merge_stream: Arc<CudaStream>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -210,6 +214,9 @@ impl Gpu {
             if nvrtc > driver {
                 return Err(GpuUnavailable::NvrtcTooNew { nvrtc, driver });
             }
+            let merge_stream = ctx
+                .new_stream()
+                .map_err(|e| GpuUnavailable::Driver(e.to_string()))?;
             let gpu = Gpu {
                 ctx,
                 name,
@@ -218,6 +225,8 @@ impl Gpu {
                 nvrtc,
                 modules: Default::default(),
                 lanes: Mutex::new(Vec::new()),
+                merge_lock: Mutex::new(()),
+                merge_stream,
             };
             // smoke test: compile and load the smallest module, so a driver that rejects
             // NVRTC's output is found now (auto falls back) rather than mid-run
@@ -504,91 +513,147 @@ impl Gpu {
         Ok(out)
     }
 
-    /// LoRA merge V = W + scale·(B·A) in W's layout (f32 result; see merge.cu). `dtype` is
-    /// the base weight's dtype (used by the embedding layout's extra rounding of the delta).
-    #[allow(clippy::too_many_arguments)]
-    pub fn lora_merge(
+    /// Apply an adapter merge's `steps` in place to `x`: whole rows of `cols` values, already
+    /// rounded to `dtype` (see merge.cu). Per-row vectors in `steps` cover the rows of `x`.
+    /// Runs in chunks of at most [`CHUNK_ELEMS`] values, so device memory stays bounded.
+    pub fn merge_rows(
         &self,
-        w: &[f32],
-        a: &[f32],
-        b: &[f32],
-        rows: usize,
+        x: &mut [f32],
         cols: usize,
-        rank: usize,
-        scale: f32,
-        layout: LoraLayout,
         dtype: Dtype,
-    ) -> Result<Vec<f32>> {
-        let (a_len, b_len) = match layout {
-            LoraLayout::Linear => (rank * cols, rows * rank),
-            LoraLayout::Conv1D | LoraLayout::Embedding => (rank * rows, cols * rank),
-        };
-        if w.len() != rows * cols || a.len() != a_len || b.len() != b_len {
-            bail!("internal: LoRA merge shapes do not match");
+        steps: &[MergeStep],
+    ) -> Result<()> {
+        if cols == 0 || !x.len().is_multiple_of(cols) {
+            bail!(
+                "internal: GPU merge of {} values in rows of {cols}",
+                x.len()
+            );
         }
-        let f = self.function("merge", "ft_lora_merge")?;
-        let s = self.ctx.default_stream();
-        let dw = s.clone_htod(w).map_err(derr)?;
-        let da = s.clone_htod(a).map_err(derr)?;
-        let db = s.clone_htod(b).map_err(derr)?;
-        let mut dv = s.alloc_zeros::<f32>(w.len()).map_err(derr)?;
-        let (r64, c64, rk) = (rows as u64, cols as u64, rank as u32);
-        let (lay, dt) = (layout as i32, dtype as i32);
-        let mut bld = s.launch_builder(&f);
-        bld.arg(&dw)
-            .arg(&da)
-            .arg(&db)
-            .arg(&r64)
-            .arg(&c64)
-            .arg(&rk)
-            .arg(&scale)
-            .arg(&lay)
-            .arg(&dt)
-            .arg(&mut dv);
-        // SAFETY: matches ft_lora_merge's signature; shapes checked above.
-        unsafe { bld.launch(cfg_for(r64 * c64, 256)) }.map_err(derr)?;
-        s.clone_dtoh(&dv).map_err(derr)
+        let rows = x.len() / cols;
+        let rows_per = (CHUNK_ELEMS / cols).max(1);
+        let _one_at_a_time = self
+            .merge_lock
+            .lock()
+            .map_err(|_| anyhow!("GPU state poisoned"))?;
+        for (k, xs) in x.chunks_mut(rows_per * cols).enumerate() {
+            let (r0, n) = (k * rows_per, xs.len() / cols);
+            self.merge_chunk(xs, cols, dtype, steps, r0, n, rows)
+                .context("GPU adapter merge")?;
+        }
+        Ok(())
     }
 
-    /// DoRA: norms of `v` per row (`by_row`) or per column, then (m / n)·V written as `dtype`.
-    pub fn dora_apply(
+    /// [`Gpu::merge_rows`] on rows `r0..r0 + n` of the `rows` the steps describe.
+    #[allow(clippy::too_many_arguments)]
+    fn merge_chunk(
         &self,
-        v: &[f32],
-        magnitude: &[f32],
-        rows: usize,
+        x: &mut [f32],
         cols: usize,
-        by_row: bool,
         dtype: Dtype,
-    ) -> Result<Vec<u8>> {
-        let count = if by_row { rows } else { cols };
-        if v.len() != rows * cols || magnitude.len() != count {
-            bail!("internal: DoRA shapes do not match");
-        }
-        let fn_norm = self.function("merge", "ft_dora_norms")?;
-        let fn_apply = self.function("merge", "ft_dora_apply")?;
-        let s = self.ctx.default_stream();
-        let dv = s.clone_htod(v).map_err(derr)?;
-        let dm = s.clone_htod(magnitude).map_err(derr)?;
-        let mut dn = s.alloc_zeros::<f32>(count).map_err(derr)?;
-        let mut dout = s.alloc_zeros::<u8>(v.len() * dtype.size()).map_err(derr)?;
-        let (r64, c64) = (rows as u64, cols as u64);
-        let br: i32 = by_row.into();
+        steps: &[MergeStep],
+        r0: usize,
+        n: usize,
+        rows: usize,
+    ) -> Result<()> {
+        let s = &self.merge_stream;
+        let mut dx = s.clone_htod(&*x).map_err(derr)?;
+        let (r64, c64) = (n as u64, cols as u64);
+        let elems = r64 * c64;
         let dt = dtype as i32;
-        let mut b1 = s.launch_builder(&fn_norm);
-        b1.arg(&dv).arg(&r64).arg(&c64).arg(&br).arg(&mut dn);
-        // SAFETY: matches ft_dora_norms' signature.
-        unsafe { b1.launch(cfg_for(count as u64, 128)) }.map_err(derr)?;
-        let mut b2 = s.launch_builder(&fn_apply);
-        b2.arg(&dv)
-            .arg(&dm)
-            .arg(&dn)
-            .arg(&r64)
-            .arg(&c64)
-            .arg(&br)
-            .arg(&dt)
-            .arg(&mut dout);
-        // SAFETY: matches ft_dora_apply's signature.
-        unsafe { b2.launch(cfg_for(r64 * c64, 256)) }.map_err(derr)?;
-        s.clone_dtoh(&dout).map_err(derr)
+        let per_row = |v: &[f32], what: &str| -> Result<std::ops::Range<usize>> {
+            if v.len() != rows {
+                bail!("internal: {what} has {} values for {rows} rows", v.len());
+            }
+            Ok(r0..r0 + n)
+        };
+        let per_col = |v: &[f32], what: &str| -> Result<()> {
+            if v.len() != cols {
+                bail!("internal: {what} has {} values for {cols} columns", v.len());
+            }
+            Ok(())
+        };
+        for step in steps {
+            match *step {
+                MergeStep::Lora {
+                    coef,
+                    mat,
+                    r,
+                    post_scale,
+                    mode,
+                } => {
+                    if r == 0 || coef.len() != rows * r || mat.len() != r * cols {
+                        bail!("internal: LoRA step shapes do not match {rows}x{cols}, r={r}");
+                    }
+                    let f = self.function("merge", "ft_lora_rows")?;
+                    let dc = s.clone_htod(&coef[r0 * r..(r0 + n) * r]).map_err(derr)?;
+                    let dm = s.clone_htod(mat).map_err(derr)?;
+                    let (rk, md) = (r as u32, mode as i32);
+                    let mut b = s.launch_builder(&f);
+                    b.arg(&mut dx)
+                        .arg(&r64)
+                        .arg(&c64)
+                        .arg(&dc)
+                        .arg(&dm)
+                        .arg(&rk)
+                        .arg(&post_scale)
+                        .arg(&md)
+                        .arg(&dt);
+                    // SAFETY: matches ft_lora_rows' signature; shapes checked above.
+                    unsafe { b.launch(cfg_for(elems, 256)) }.map_err(derr)?;
+                }
+                MergeStep::DoraRows { magnitude } => {
+                    let range = per_row(magnitude, "DoRA magnitude")?;
+                    let f = self.function("merge", "ft_dora_rows")?;
+                    let dm = s.clone_htod(&magnitude[range]).map_err(derr)?;
+                    let mut b = s.launch_builder(&f);
+                    b.arg(&mut dx).arg(&r64).arg(&c64).arg(&dm).arg(&dt);
+                    // SAFETY: matches ft_dora_rows' signature; one magnitude per row.
+                    unsafe { b.launch(cfg_for(r64, 128)) }.map_err(derr)?;
+                }
+                MergeStep::DoraCols { magnitude, norms } => {
+                    per_col(magnitude, "DoRA magnitude")?;
+                    per_col(norms, "DoRA norms")?;
+                    let f = self.function("merge", "ft_dora_cols")?;
+                    let dm = s.clone_htod(magnitude).map_err(derr)?;
+                    let dn = s.clone_htod(norms).map_err(derr)?;
+                    let mut b = s.launch_builder(&f);
+                    b.arg(&mut dx)
+                        .arg(&r64)
+                        .arg(&c64)
+                        .arg(&dm)
+                        .arg(&dn)
+                        .arg(&dt);
+                    // SAFETY: matches ft_dora_cols' signature; one magnitude/norm per column.
+                    unsafe { b.launch(cfg_for(elems, 256)) }.map_err(derr)?;
+                }
+                MergeStep::AddVec(v) | MergeStep::ScaleRows(v) | MergeStep::ScaleCols(v) => {
+                    let (mode, vs): (i32, &[f32]) = match *step {
+                        MergeStep::AddVec(_) => (0, v),
+                        MergeStep::ScaleRows(_) => (1, &v[per_row(v, "IA3 scale")?]),
+                        _ => (2, v),
+                    };
+                    if vs.is_empty() {
+                        // only the rounding, which rows already in the dtype don't change
+                        continue;
+                    }
+                    let f = self.function("merge", "ft_vec_op")?;
+                    let dv = s.clone_htod(vs).map_err(derr)?;
+                    let vlen = vs.len() as u64;
+                    let mut b = s.launch_builder(&f);
+                    b.arg(&mut dx)
+                        .arg(&r64)
+                        .arg(&c64)
+                        .arg(&dv)
+                        .arg(&vlen)
+                        .arg(&mode)
+                        .arg(&dt);
+                    // SAFETY: matches ft_vec_op's signature; the kernel bounds j by vlen.
+                    unsafe { b.launch(cfg_for(elems, 256)) }.map_err(derr)?;
+                }
+            }
+        }
+        s.memcpy_dtoh(&dx, x).map_err(derr)?;
+        s.synchronize().map_err(derr)?;
+        Ok(())
     }
 }

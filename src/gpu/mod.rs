@@ -112,21 +112,170 @@ impl Backend {
         self.is_gpu() && ty != GgmlType::F32
     }
 
-    /// Quantize whole blocks of `ty` from `x` into `y` (as [`quant::quantize`]).
+    /// Quantize whole blocks of `ty` from `x` into `y` (as [`quant::quantize`]; on the CPU in
+    /// parallel over runs of blocks). GPU output is spot-checked against the CPU.
     pub fn quantize(&self, ty: GgmlType, x: &[f32], y: &mut [u8]) -> Result<()> {
         match self {
-            Backend::Cuda(g) if ty != GgmlType::F32 => g.quantize(ty, x, y),
+            Backend::Cuda(g) if ty != GgmlType::F32 => {
+                g.quantize(ty, x, y)?;
+                spot_check_quantize(ty, x, y)
+            }
             _ => {
-                quant::quantize(ty, x, y);
+                use rayon::prelude::*;
+                let per = (1 << 16) / ty.block_size();
+                x.par_chunks(per * ty.block_size())
+                    .zip(y.par_chunks_mut(per * ty.type_size()))
+                    .for_each(|(x, y)| quant::quantize(ty, x, y));
                 Ok(())
             }
         }
+    }
+
+    /// bitsandbytes 4-bit quantization of a whole flattened tensor: (packed, absmax), as
+    /// [`quant::nf4::quantize_4bit`].
+    pub fn quantize_4bit(
+        &self,
+        qt: quant::nf4::QuantType,
+        x: &[f32],
+    ) -> Result<(Vec<u8>, Vec<f32>)> {
+        match self {
+            Backend::Cuda(g) => {
+                let (packed, absmax) =
+                    g.quantize_4bit(x, quant::nf4::BLOCKSIZE, &FourBitTable::for_type(qt))?;
+                spot_check_4bit(qt, x, &packed, &absmax)?;
+                Ok((packed, absmax))
+            }
+            Backend::Cpu => Ok(quant::nf4::quantize_4bit(qt, x)),
+        }
+    }
+
+    /// Double quantization of `absmax - offset`, as [`quant::nf4::double_quant_with_offset`].
+    pub fn double_quant(&self, absmax: &[f32], offset: f32) -> Result<quant::nf4::Nested> {
+        match self {
+            Backend::Cuda(g) => {
+                let (codes, nested_absmax) = g.double_quant(
+                    absmax,
+                    offset,
+                    quant::nf4::dynamic_map(),
+                    DoubleQuantRounding::CpuLut,
+                )?;
+                let n = quant::nf4::Nested {
+                    codes,
+                    nested_absmax,
+                    offset,
+                };
+                spot_check_double_quant(absmax, &n)?;
+                Ok(n)
+            }
+            Backend::Cpu => Ok(quant::nf4::double_quant_with_offset(absmax, offset)),
+        }
+    }
+}
+
+/// Blocks compared with the CPU at each end of every GPU result.
+const SPOT_BLOCKS: usize = 16;
+
+fn mismatch(what: &str, at: usize) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the GPU's {what} differs from the CPU's at block {at} (a GPU kernel or driver problem; rerun with --device cpu)"
+    )
+}
+
+/// The first and last [`SPOT_BLOCKS`] of `n` blocks.
+fn spot_ranges(n: usize) -> [std::ops::Range<usize>; 2] {
+    let k = SPOT_BLOCKS.min(n);
+    [0..k, n - k..n]
+}
+
+/// Recompute the first and last blocks of a GPU quantization on the CPU: the GPU path must
+/// never write bytes the CPU would not.
+fn spot_check_quantize(ty: GgmlType, x: &[f32], y: &[u8]) -> Result<()> {
+    let (bs, ts) = (ty.block_size(), ty.type_size());
+    for r in spot_ranges(x.len() / bs) {
+        let mut want = vec![0u8; r.len() * ts];
+        quant::quantize(ty, &x[r.start * bs..r.end * bs], &mut want);
+        let got = &y[r.start * ts..r.end * ts];
+        if let Some(b) = got
+            .chunks(ts)
+            .zip(want.chunks(ts))
+            .position(|(a, b)| a != b)
+        {
+            return Err(mismatch(&format!("{ty} quantization"), r.start + b));
+        }
+    }
+    Ok(())
+}
+
+fn spot_check_4bit(
+    qt: quant::nf4::QuantType,
+    x: &[f32],
+    packed: &[u8],
+    absmax: &[f32],
+) -> Result<()> {
+    let bs = quant::nf4::BLOCKSIZE;
+    for r in spot_ranges(absmax.len()) {
+        let xs = &x[r.start * bs..(r.end * bs).min(x.len())];
+        let mut p = vec![0u8; xs.len().div_ceil(2)];
+        let mut a = vec![0f32; r.len()];
+        quant::nf4::quantize_run(qt, xs, &mut p, &mut a);
+        let got_p = &packed[r.start * bs / 2..r.start * bs / 2 + p.len()];
+        for k in 0..r.len() {
+            let pk = k * bs / 2..((k + 1) * bs / 2).min(p.len());
+            if a[k].to_bits() != absmax[r.start + k].to_bits() || p[pk.clone()] != got_p[pk] {
+                return Err(mismatch(
+                    &format!("{} quantization", qt.name()),
+                    r.start + k,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn spot_check_double_quant(absmax: &[f32], n: &quant::nf4::Nested) -> Result<()> {
+    const G: usize = 256;
+    for r in spot_ranges(n.nested_absmax.len()) {
+        let a = &absmax[r.start * G..(r.end * G).min(absmax.len())];
+        let want = quant::nf4::double_quant_with_offset(a, n.offset);
+        let got_codes = &n.codes[r.start * G..r.start * G + a.len()];
+        for k in 0..r.len() {
+            let ck = k * G..((k + 1) * G).min(a.len());
+            if want.nested_absmax[k].to_bits() != n.nested_absmax[r.start + k].to_bits()
+                || want.codes[ck.clone()] != got_codes[ck]
+            {
+                return Err(mismatch("double quantization", r.start + k));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The GPU chosen by the last [`select`] of this process (None: the CPU). Work that runs
+/// inside a plan's row sources (adapter merges) uses it; results are the same either way.
+pub fn active() -> Option<Arc<Gpu>> {
+    ACTIVE.read().ok().and_then(|g| g.clone())
+}
+
+static ACTIVE: std::sync::RwLock<Option<Arc<Gpu>>> = std::sync::RwLock::new(None);
+
+fn set_active(b: &Backend) {
+    if let Ok(mut g) = ACTIVE.write() {
+        *g = match b {
+            Backend::Cuda(gpu) => Some(gpu.clone()),
+            Backend::Cpu => None,
+        };
     }
 }
 
 /// The backend `--device` asks for, and the one line to print about it (None for `cpu`).
 /// `cuda` without a usable GPU is an error naming the reason.
 pub fn select(choice: DeviceChoice) -> Result<(Backend, Option<String>)> {
+    let r = select_inner(choice);
+    set_active(r.as_ref().map(|r| &r.0).unwrap_or(&Backend::Cpu));
+    r
+}
+
+fn select_inner(choice: DeviceChoice) -> Result<(Backend, Option<String>)> {
     if choice == DeviceChoice::Cpu {
         return Ok((Backend::Cpu, None));
     }
@@ -189,7 +338,6 @@ pub const MODULES: [(&str, &str); 5] = [
         "merge",
         concat!(
             include_str!("kernels/common.cuh"),
-            include_str!("kernels/convert.cu"),
             include_str!("kernels/merge.cu")
         ),
     ),
@@ -221,7 +369,7 @@ pub const ENTRY_POINTS: [(&str, &[&str]); 5] = [
     ("convert", &["ft_widen", "ft_narrow"]),
     (
         "merge",
-        &["ft_lora_merge", "ft_dora_norms", "ft_dora_apply"],
+        &["ft_lora_rows", "ft_dora_rows", "ft_dora_cols", "ft_vec_op"],
     ),
 ];
 
@@ -318,14 +466,41 @@ pub enum DoubleQuantRounding {
     Nearest = 1,
 }
 
-/// Weight layouts of the LoRA merge (see merge.cu).
+/// How a LoRA step combines the delta with the rows (see merge.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LoraLayout {
-    /// nn.Linear: W [out, in], A [r, in], B [out, r].
-    Linear = 0,
-    /// transformers Conv1D (fan_in_fan_out): W [in, out], A [r, in], B [out, r].
-    Conv1D = 1,
-    /// nn.Embedding: W [vocab, dim], A [r, vocab], B [dim, r]; the delta is cast to the
-    /// weight's dtype before the add.
-    Embedding = 2,
+pub enum LoraMode {
+    /// `round(x + d)` (Linear and Conv1D layers).
+    Add = 0,
+    /// `round(x + round(d))` (embeddings: the delta is cast to the weight's dtype first).
+    AddRounded = 1,
+    /// DoRA's `V = x + d`, unrounded (a DoRA scale step follows).
+    DoraV = 2,
+}
+
+/// One step of an adapter merge on a batch of rows (the CPU's `lora::merge::Op`s in the
+/// kernels' form; see merge.cu). Per-row vectors hold the batch's rows only.
+#[derive(Clone, Copy, Debug)]
+pub enum MergeStep<'a> {
+    /// Row i of the delta is `post_scale · Σ_k coef[i, k] · mat[k, :]` (fused multiply-adds
+    /// in k order); `coef` [batch rows, r], `mat` [r, cols].
+    Lora {
+        coef: &'a [f32],
+        mat: &'a [f32],
+        r: usize,
+        post_scale: f32,
+        mode: LoraMode,
+    },
+    /// DoRA, one norm per row: `round(x · m_i / ‖row_i‖)`.
+    DoraRows { magnitude: &'a [f32] },
+    /// DoRA, one norm per column (norms over the whole tensor): `round(x · m_j / n_j)`.
+    DoraCols {
+        magnitude: &'a [f32],
+        norms: &'a [f32],
+    },
+    /// `round(x + v[j])` (lora_bias).
+    AddVec(&'a [f32]),
+    /// `round(x · v[i])` (IA³ on rows).
+    ScaleRows(&'a [f32]),
+    /// `round(x · v[j])` (IA³ on columns).
+    ScaleCols(&'a [f32]),
 }

@@ -15,6 +15,7 @@
 
 use super::adapter::{Adapter, ModuleTensors, PREFIX, PeftType};
 use crate::checkpoint::{StFile, TensorRef, read_json_opt};
+use crate::gpu::{self, LoraMode, MergeStep};
 use crate::plan::{RowSource, SafetensorsRows};
 use crate::quant::fp;
 use anyhow::{Result, anyhow, bail};
@@ -76,6 +77,15 @@ impl FloatType {
             FloatType::F32 => {}
             FloatType::F16 => fp::round_through_f16(x),
             FloatType::BF16 => fp::round_through_bf16(x),
+        }
+    }
+
+    /// The GPU kernels' dtype code.
+    pub fn gpu_dtype(self) -> gpu::Dtype {
+        match self {
+            FloatType::F32 => gpu::Dtype::F32,
+            FloatType::F16 => gpu::Dtype::F16,
+            FloatType::BF16 => gpu::Dtype::BF16,
         }
     }
 
@@ -194,6 +204,17 @@ impl LoraDelta {
                 cols: a_cols,
                 post_scale,
             }
+        }
+    }
+
+    /// The delta in the GPU kernels' form (rows `rows`; see `gpu::MergeStep::Lora`).
+    pub fn gpu_step(&self, rows: std::ops::Range<usize>, mode: LoraMode) -> MergeStep<'_> {
+        MergeStep::Lora {
+            coef: &self.coef[rows.start * self.r..rows.end * self.r],
+            mat: &self.mat,
+            r: self.r,
+            post_scale: self.post_scale,
+            mode,
         }
     }
 
@@ -354,6 +375,43 @@ impl Op {
     }
 }
 
+impl Op {
+    /// This step on rows `rows` of the tensor, as GPU merge steps (DoRA is two); `norms`
+    /// are the column norms of a per-column DoRA step.
+    pub fn gpu_steps<'a>(
+        &'a self,
+        rows: std::ops::Range<usize>,
+        norms: Option<&'a [f32]>,
+        out: &mut Vec<MergeStep<'a>>,
+    ) -> Result<()> {
+        match self {
+            Op::Add(d) => out.push(d.gpu_step(rows, LoraMode::Add)),
+            Op::AddRounded(d) => out.push(d.gpu_step(rows, LoraMode::AddRounded)),
+            Op::Dora {
+                delta,
+                magnitude,
+                per_column,
+            } => {
+                out.push(delta.gpu_step(rows.clone(), LoraMode::DoraV));
+                out.push(if *per_column {
+                    MergeStep::DoraCols {
+                        magnitude,
+                        norms: norms.ok_or_else(|| anyhow!("internal: no DoRA column norms"))?,
+                    }
+                } else {
+                    MergeStep::DoraRows {
+                        magnitude: &magnitude[rows],
+                    }
+                });
+            }
+            Op::AddVec(v) => out.push(MergeStep::AddVec(v)),
+            Op::Scale { l, per_row: true } => out.push(MergeStep::ScaleRows(&l[rows])),
+            Op::Scale { l, per_row: false } => out.push(MergeStep::ScaleCols(l)),
+        }
+        Ok(())
+    }
+}
+
 /// ‖x‖₂ as torch.linalg.norm returns it for f32 (accumulated wider, rounded to f32).
 pub fn l2_norm(x: &[f32]) -> f32 {
     x.iter()
@@ -384,7 +442,8 @@ pub fn merge_dense(w: &mut [f32], cols: usize, ty: FloatType, ops: &[Op]) {
     }
 }
 
-fn column_norms_dense(w: &[f32], rows: usize, cols: usize, op: &Op) -> Vec<f32> {
+/// The column norms a per-column DoRA step `op` takes on the whole tensor `w`.
+pub fn column_norms_dense(w: &[f32], rows: usize, cols: usize, op: &Op) -> Vec<f32> {
     let Op::Dora { delta, .. } = op else {
         unreachable!()
     };
@@ -1252,6 +1311,14 @@ impl MergedRows {
         ops: &[Op],
         norms: &[Option<Vec<f32>>],
     ) -> Result<()> {
+        if out.len() >= GPU_MIN_ELEMS
+            && let Some(g) = gpu::active()
+        {
+            let run = |x: &mut [f32], cols: usize, dt: gpu::Dtype, steps: &[MergeStep]| {
+                g.merge_rows(x, cols, dt, steps)
+            };
+            return self.compute_batched(&run, row0, out, ops, norms);
+        }
         self.inner.read_rows(row0, out)?;
         self.ty.round(out);
         let cols = self.inner.cols();
@@ -1259,6 +1326,59 @@ impl MergedRows {
         for (op, n) in ops.iter().zip(norms) {
             for (k, row) in out.chunks_exact_mut(cols).enumerate() {
                 op.apply_row(row0 + k, row, self.ty, n.as_deref(), &mut tmp);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs merge steps on whole rows (`gpu::Gpu::merge_rows`).
+pub(crate) type StepRunner<'a> =
+    dyn Fn(&mut [f32], usize, gpu::Dtype, &[MergeStep]) -> Result<()> + Sync + 'a;
+
+/// Batches at least this large are merged on the GPU when one is in use.
+const GPU_MIN_ELEMS: usize = 1 << 16;
+
+impl MergedRows {
+    /// [`MergedRows::compute`] with the steps run by `run` (the GPU): the input rows are read
+    /// on the CPU threads, and the first and last rows are recomputed on the CPU and compared
+    /// bit for bit (the GPU path never returns values the CPU would not).
+    pub(crate) fn compute_batched(
+        &self,
+        run: &StepRunner,
+        row0: usize,
+        out: &mut [f32],
+        ops: &[Op],
+        norms: &[Option<Vec<f32>>],
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let cols = self.inner.cols().max(1);
+        let n = out.len() / cols;
+        let per = ((1usize << 16) / cols).max(1);
+        out.par_chunks_mut(per * cols)
+            .enumerate()
+            .try_for_each(|(k, c)| {
+                self.inner.read_rows(row0 + k * per, c)?;
+                self.ty.round(c);
+                Ok::<(), anyhow::Error>(())
+            })?;
+        let spot = [0, n - 1].map(|k| (k, out[k * cols..(k + 1) * cols].to_vec()));
+        let mut steps = vec![];
+        for (op, nm) in ops.iter().zip(norms) {
+            op.gpu_steps(row0..row0 + n, nm.as_deref(), &mut steps)?;
+        }
+        run(out, cols, self.ty.gpu_dtype(), &steps)?;
+        let mut tmp = vec![];
+        for (k, mut row) in spot {
+            for (op, nm) in ops.iter().zip(norms) {
+                op.apply_row(row0 + k, &mut row, self.ty, nm.as_deref(), &mut tmp);
+            }
+            let got = &out[k * cols..(k + 1) * cols];
+            if row.iter().zip(got).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                bail!(
+                    "the GPU's adapter merge differs from the CPU's at row {} (a GPU kernel or driver problem; rerun with --device cpu)",
+                    row0 + k
+                );
             }
         }
         Ok(())
@@ -1275,6 +1395,9 @@ impl RowSource for MergedRows {
     fn read_rows(&self, row0: usize, out: &mut [f32]) -> Result<()> {
         let p = self.prepared()?;
         self.compute(row0, out, &p.ops, &p.norms)
+    }
+    fn prefers_batches(&self) -> bool {
+        gpu::active().is_some()
     }
     fn release(&self) {
         if let Ok(mut g) = self.prepared.lock() {

@@ -4,12 +4,21 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The binary under test (FTCONV_BIN overrides the build path: test binaries carried to
+/// another machine, scripts/gpu_device_check.sh).
 pub fn ftconv() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ftconv"))
+    match std::env::var_os("FTCONV_BIN") {
+        Some(p) => Command::new(p),
+        None => Command::new(env!("CARGO_BIN_EXE_ftconv")),
+    }
 }
 
+/// The repository (FTCONV_REPO overrides the build path, as FTCONV_BIN does).
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    match std::env::var_os("FTCONV_REPO") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    }
 }
 
 pub fn fixture(p: &str) -> PathBuf {

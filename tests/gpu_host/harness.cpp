@@ -10,8 +10,11 @@
 //   harness 4bit BLOCKSIZE TABLE IN PACKED ABSMAX   TABLE: 16 f32 bounds + 16 u32 order
 //   harness dq MODE OFFSET_BITS CODE ABSMAX Q NESTED  CODE: 256 f32; OFFSET_BITS: u32 hex
 //   harness widen DTYPE IN OUT                      DTYPE 0 f32, 1 f16, 2 bf16
-//   harness merge LAYOUT DTYPE ROWS COLS RANK SCALE_BITS W A B OUT   (OUT f32)
-//   harness dora BY_ROW DTYPE ROWS COLS V MAG OUT   (OUT in DTYPE)
+//   merge.cu's four kernels, in place on X (ROWS x COLS f32), result f32 in OUT:
+//   harness lora_rows MODE DTYPE ROWS COLS RANK POST_BITS X COEF MAT OUT
+//   harness dora_rows DTYPE ROWS COLS X MAG OUT
+//   harness dora_cols DTYPE ROWS COLS X MAG NORMS OUT
+//   harness vec_op MODE DTYPE ROWS COLS X V OUT
 
 #include <math.h>
 #include <stdio.h>
@@ -146,40 +149,59 @@ int main(int argc, char** argv) {
         write_file(argv[4], out, n * 4);
         return 0;
     }
-    if (!strcmp(op, "merge") && argc == 12) {
-        const int layout = atoi(argv[2]);
+    if (!strcmp(op, "lora_rows") && argc == 12) {
+        const int mode = atoi(argv[2]);
         const int dt = atoi(argv[3]);
         const u64 rows = strtoull(argv[4], NULL, 10);
         const u64 cols = strtoull(argv[5], NULL, 10);
         const u32 rank = (u32)strtoul(argv[6], NULL, 10);
-        const float scale = bits_to_float(argv[7]);
+        const float post = bits_to_float(argv[7]);
         size_t l1, l2, l3;
-        float* W = (float*)read_file(argv[8], &l1);
-        float* A = (float*)read_file(argv[9], &l2);
-        float* B = (float*)read_file(argv[10], &l3);
-        float* V = (float*)malloc(rows * cols * 4 + 4);
-        for (u64 r = 0; r < rows; ++r)
-            for (u64 c = 0; c < cols; ++c)
-                V[r * cols + c] = ft_lora_elem(W, A, B, rows, cols, rank, scale, layout, dt, r, c);
-        write_file(argv[11], V, rows * cols * 4);
+        float* X = (float*)read_file(argv[8], &l1);
+        float* coef = (float*)read_file(argv[9], &l2);
+        float* mat = (float*)read_file(argv[10], &l3);
+        for (u64 i = 0; i < rows; ++i)
+            for (u64 j = 0; j < cols; ++j)
+                X[i * cols + j] = ft_lora_step(
+                    X[i * cols + j], ft_delta_elem(coef, mat, rank, cols, post, i, j), mode, dt);
+        write_file(argv[11], X, rows * cols * 4);
         return 0;
     }
-    if (!strcmp(op, "dora") && argc == 9) {
-        const int by_row = atoi(argv[2]);
+    if (!strcmp(op, "dora_rows") && argc == 8) {
+        const int dt = atoi(argv[2]);
+        const u64 rows = strtoull(argv[3], NULL, 10);
+        const u64 cols = strtoull(argv[4], NULL, 10);
+        size_t l1, l2;
+        float* X = (float*)read_file(argv[5], &l1);
+        float* mag = (float*)read_file(argv[6], &l2);
+        for (u64 i = 0; i < rows; ++i) ft_dora_row(X + i * cols, cols, mag[i], dt);
+        write_file(argv[7], X, rows * cols * 4);
+        return 0;
+    }
+    if (!strcmp(op, "dora_cols") && argc == 9) {
+        const int dt = atoi(argv[2]);
+        const u64 rows = strtoull(argv[3], NULL, 10);
+        const u64 cols = strtoull(argv[4], NULL, 10);
+        size_t l1, l2, l3;
+        float* X = (float*)read_file(argv[5], &l1);
+        float* mag = (float*)read_file(argv[6], &l2);
+        float* norms = (float*)read_file(argv[7], &l3);
+        for (u64 t = 0; t < rows * cols; ++t)
+            X[t] = ft_dora_col_step(X[t], mag[t % cols], norms[t % cols], dt);
+        write_file(argv[8], X, rows * cols * 4);
+        return 0;
+    }
+    if (!strcmp(op, "vec_op") && argc == 9) {
+        const int mode = atoi(argv[2]);
         const int dt = atoi(argv[3]);
         const u64 rows = strtoull(argv[4], NULL, 10);
         const u64 cols = strtoull(argv[5], NULL, 10);
         size_t l1, l2;
-        float* V = (float*)read_file(argv[6], &l1);
-        float* mag = (float*)read_file(argv[7], &l2);
-        const u64 count = by_row ? rows : cols;
-        float* norms = (float*)malloc(count * 4 + 4);
-        for (u64 t = 0; t < count; ++t) norms[t] = ft_dora_norm(V, rows, cols, by_row, t);
-        const size_t es = dt == 0 ? 4 : 2;
-        u8* out = (u8*)malloc(rows * cols * es + 1);
+        float* X = (float*)read_file(argv[6], &l1);
+        float* v = (float*)read_file(argv[7], &l2);
         for (u64 t = 0; t < rows * cols; ++t)
-            ft_store_elem(out, dt, t, ft_dora_elem(V, mag, norms, cols, by_row, t));
-        write_file(argv[8], out, rows * cols * es);
+            X[t] = ft_vec_step(X[t], v, l2 / 4, mode, dt, t / cols, t % cols);
+        write_file(argv[8], X, rows * cols * 4);
         return 0;
     }
     fprintf(stderr, "bad arguments for %s\n", op);

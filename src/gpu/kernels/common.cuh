@@ -7,8 +7,10 @@
 // machine without a GPU.
 //
 // Numeric rules (../shared/specs/gguf-and-k-quants.md §3.0): f32 everywhere, the reference's
-// operation order, no fused multiply-add (NVRTC gets --fmad=false), IEEE division and sqrt (the
-// NVRTC defaults -prec-div=true -prec-sqrt=true, no fast math), no flush-to-zero.
+// operation order, no contraction into fused multiply-adds (NVRTC gets --fmad=false; where the
+// reference itself fuses, as the LoRA merge's sgemm does, the kernel calls fmaf explicitly),
+// IEEE division and sqrt (the NVRTC defaults -prec-div=true -prec-sqrt=true, no fast math), no
+// flush-to-zero.
 
 typedef unsigned char u8;
 typedef signed char i8;

@@ -1,88 +1,110 @@
-// LoRA merge as PEFT's merge_and_unload computes it (../shared/specs/nf4-peft.md §2.2-2.4):
-//   delta[o][i] = (sum over k = 0..r-1, in order, of B[o][k] * A[k][i]) * scale   (f32)
-//   Linear:    V[o][i] = W[o][i] + delta[o][i]
-//   Conv1D:    V[i][o] = W[i][o] + delta[o][i]           (fan_in_fan_out: W is [in, out])
-//   Embedding: V[v][d] = W[v][d] + round(dtype, delta[d][v])   (delta cast to the base dtype first)
-// DoRA: n = L2 norm of V per output row (Linear) or per column (Conv1D, Embedding), then
-//   W' = (m / n) * V. Sums of squares run sequentially in f32 in index order.
-// Each thread computes one output element (or one row/column norm).
+// PEFT adapter merges exactly as the CPU path computes them (src/lora/merge.rs, which equals
+// PEFT's merge_and_unload bit for bit; ../shared/specs/nf4-peft.md §2.2-2.4). The host side
+// puts every LoRA step in one form, whatever the layout (Linear, Conv1D, Embedding) or the
+// number of adapters combined: row i of the delta is
+//   d[i][j] = post * (sum over k = 0..r-1, in order, of fma(coef[i][k], mat[k][j], acc))
+// (one fused multiply-add per rank step from acc = 0, as torch's sgemm does for LoRA ranks;
+// `post` is applied only when it is not 1). The rows X are the tensor's rows already rounded
+// to its dtype; each step rounds its result to the dtype again.
+//   LoRA mode 0 (Add):        X = round(X + d)
+//   LoRA mode 1 (AddRounded): X = round(X + round(d))        (embeddings)
+//   LoRA mode 2 (DoRA's V):   X = X + d, unrounded; a DoRA scale step follows
+//   DoRA rows:    n_i = sqrt(sum_j X[i][j]^2 in f64, in order) as f32; X = round(X * (m_i / n_i))
+//   DoRA columns: X[i][j] = round(X[i][j] * (m_j / n_j)) with the norms n_j given
+//   vector ops:   mode 0 X[i][j] += v[j]; 1 X[i][j] *= v[i]; 2 X[i][j] *= v[j]; then round
+// dtype codes: 0 = f32 (no rounding), 1 = f16, 2 = bf16.
 
-// layout: 0 = Linear [out, in], 1 = Conv1D [in, out], 2 = Embedding [vocab, dim] with
-// A [r, vocab], B [dim, r].
-FT_DEV float ft_lora_dot(const float* FT_RESTRICT A, const float* FT_RESTRICT B, u64 cols_a,
-                         u32 r, u64 o, u64 i) {
+FT_DEV float ft_round_to(int dtype, float v) {
+    if (dtype == 1) return ft_f16_to_f32(ft_f32_to_f16(v));
+    if (dtype == 2) return ft_bf16_to_f32(ft_f32_to_bf16(v));
+    return v;
+}
+
+// d[i][j] for coef [rows, r] and mat [r, cols].
+FT_DEV float ft_delta_elem(const float* FT_RESTRICT coef, const float* FT_RESTRICT mat, u32 r,
+                           u64 cols, float post, u64 i, u64 j) {
     float acc = 0.0f;
     for (u32 k = 0; k < r; ++k) {
-        acc += B[o * (u64)r + k] * A[(u64)k * cols_a + i];
+        acc = fmaf(coef[i * (u64)r + k], mat[(u64)k * cols + j], acc);
     }
+    if (post != 1.0f) acc = acc * post;
     return acc;
 }
 
-// Element (row, col) of the merged f32 weight V = W + delta in W's own layout.
-FT_DEV float ft_lora_elem(const float* FT_RESTRICT W, const float* FT_RESTRICT A,
-                          const float* FT_RESTRICT B, u64 rows, u64 cols, u32 r, float scale,
-                          int layout, int dtype, u64 row, u64 col) {
-    (void)rows;
-    const float w = W[row * cols + col];
-    if (layout == 0) {
-        return w + ft_lora_dot(A, B, cols, r, row, col) * scale;
-    }
-    if (layout == 1) {
-        // W [in, out]: row = input index, col = output index; A [r, in], B [out, r]
-        return w + ft_lora_dot(A, B, rows, r, col, row) * scale;
-    }
-    // Embedding: W [vocab, dim], A [r, vocab], B [dim, r]: delta^T[v][d] = (B A)[d][v]
-    float d = ft_lora_dot(A, B, rows, r, col, row) * scale;
-    if (dtype == 1) d = ft_f16_to_f32(ft_f32_to_f16(d));
-    if (dtype == 2) d = ft_bf16_to_f32(ft_f32_to_bf16(d));
-    return w + d;
+FT_DEV float ft_lora_step(float x, float d, int mode, int dtype) {
+    if (mode == 1) d = ft_round_to(dtype, d);
+    const float v = x + d;
+    return mode == 2 ? v : ft_round_to(dtype, v);
 }
 
-// DoRA norm number t: one per row (by_row, Linear) or per column.
-FT_DEV float ft_dora_norm(const float* FT_RESTRICT V, u64 rows, u64 cols, int by_row, u64 t) {
-    const u64 len = by_row ? cols : rows;
-    float s = 0.0f;
-    for (u64 k = 0; k < len; ++k) {
-        const float v = by_row ? V[t * cols + k] : V[k * cols + t];
+// m / ||row||, the norm accumulated in f64 in index order and rounded to f32.
+FT_DEV float ft_dora_row_factor(const float* FT_RESTRICT row, u64 cols, float mag) {
+    double s = 0.0;
+    for (u64 k = 0; k < cols; ++k) {
+        const double v = (double)row[k];
         s += v * v;
     }
-    return sqrtf(s);
+    return mag / (float)sqrt(s);
 }
 
-// Element t of W' = (m / n) * V.
-FT_DEV float ft_dora_elem(const float* FT_RESTRICT V, const float* FT_RESTRICT mag,
-                          const float* FT_RESTRICT norms, u64 cols, int by_row, u64 t) {
-    const u64 k = by_row ? t / cols : t % cols;
-    const float factor = mag[k] / norms[k];
-    return factor * V[t];
+// DoRA on one row with its own norm, in place.
+FT_DEV void ft_dora_row(float* FT_RESTRICT row, u64 cols, float mag, int dtype) {
+    const float f = ft_dora_row_factor(row, cols, mag);
+    for (u64 j = 0; j < cols; ++j) row[j] = ft_round_to(dtype, row[j] * f);
+}
+
+// DoRA on one element with its column's magnitude and norm.
+FT_DEV float ft_dora_col_step(float x, float mag, float norm, int dtype) {
+    return ft_round_to(dtype, x * (mag / norm));
+}
+
+FT_DEV float ft_vec_step(float x, const float* FT_RESTRICT v, u64 vlen, int mode, int dtype,
+                         u64 i, u64 j) {
+    if (mode == 0) {
+        if (j < vlen) x = x + v[j];
+    } else if (mode == 1) {
+        x = x * v[i];
+    } else if (j < vlen) {
+        x = x * v[j];
+    }
+    return ft_round_to(dtype, x);
 }
 
 #ifdef FT_CUDA
-// W, V: rows x cols f32 (V may alias W). One thread per element.
-FT_KERNEL void ft_lora_merge(const float* W, const float* FT_RESTRICT A,
-                             const float* FT_RESTRICT B, u64 rows, u64 cols, u32 r, float scale,
-                             int layout, int dtype, float* V) {
+// X: rows x cols f32, in place; coef: [rows, r] (the rows of this batch); mat: [r, cols].
+// One thread per element.
+FT_KERNEL void ft_lora_rows(float* FT_RESTRICT X, u64 rows, u64 cols,
+                            const float* FT_RESTRICT coef, const float* FT_RESTRICT mat, u32 r,
+                            float post, int mode, int dtype) {
     const u64 t = ft_thread_id();
     if (t >= rows * cols) return;
-    const u64 row = t / cols;
-    const u64 col = t % cols;
-    V[t] = ft_lora_elem(W, A, B, rows, cols, r, scale, layout, dtype, row, col);
+    const u64 i = t / cols;
+    const u64 j = t % cols;
+    X[t] = ft_lora_step(X[t], ft_delta_elem(coef, mat, r, cols, post, i, j), mode, dtype);
 }
 
-// DoRA norms. by_row = 1: one norm per row (Linear); 0: one per column. One thread per norm.
-FT_KERNEL void ft_dora_norms(const float* FT_RESTRICT V, u64 rows, u64 cols, int by_row,
-                             float* FT_RESTRICT norms) {
-    const u64 t = ft_thread_id();
-    const u64 count = by_row ? rows : cols;
-    if (t < count) norms[t] = ft_dora_norm(V, rows, cols, by_row, t);
+// DoRA with one norm per row (Linear): mag holds this batch's rows. One thread per row.
+FT_KERNEL void ft_dora_rows(float* FT_RESTRICT X, u64 rows, u64 cols,
+                            const float* FT_RESTRICT mag, int dtype) {
+    const u64 i = ft_thread_id();
+    if (i < rows) ft_dora_row(X + i * cols, cols, mag[i], dtype);
 }
 
-// W' = (m / n) * V, broadcast along the normed axis; result written as `dtype`.
-FT_KERNEL void ft_dora_apply(const float* FT_RESTRICT V, const float* FT_RESTRICT mag,
-                             const float* FT_RESTRICT norms, u64 rows, u64 cols, int by_row,
-                             int dtype, u8* FT_RESTRICT out) {
+// DoRA with one norm per column (Conv1D, Embedding), the norms computed over the whole
+// tensor beforehand. One thread per element.
+FT_KERNEL void ft_dora_cols(float* FT_RESTRICT X, u64 rows, u64 cols,
+                            const float* FT_RESTRICT mag, const float* FT_RESTRICT norms,
+                            int dtype) {
     const u64 t = ft_thread_id();
     if (t >= rows * cols) return;
-    ft_store_elem(out, dtype, t, ft_dora_elem(V, mag, norms, cols, by_row, t));
+    X[t] = ft_dora_col_step(X[t], mag[t % cols], norms[t % cols], dtype);
+}
+
+// lora_bias additions and IA3 scales (see ft_vec_step). One thread per element.
+FT_KERNEL void ft_vec_op(float* FT_RESTRICT X, u64 rows, u64 cols, const float* FT_RESTRICT v,
+                         u64 vlen, int mode, int dtype) {
+    const u64 t = ft_thread_id();
+    if (t >= rows * cols) return;
+    X[t] = ft_vec_step(X[t], v, vlen, mode, dtype, t / cols, t % cols);
 }
 #endif

@@ -1098,3 +1098,156 @@ fn errors_before_output() {
     );
     assert!(e.contains("lm_head.weight") && e.contains("shape"), "{e}");
 }
+
+// ---------------------------------------------------------------- batched (GPU) path
+
+/// merge.cu's steps written out in Rust: the stand-in for the GPU in the batched path's
+/// plumbing test (the kernels themselves are checked in tests/gpu_kernels.rs).
+fn run_steps(x: &mut [f32], cols: usize, dt: gpu::Dtype, steps: &[MergeStep]) -> Result<()> {
+    let ty = match dt {
+        gpu::Dtype::F32 => FloatType::F32,
+        gpu::Dtype::F16 => FloatType::F16,
+        gpu::Dtype::BF16 => FloatType::BF16,
+    };
+    for st in steps {
+        for (i, row) in x.chunks_exact_mut(cols).enumerate() {
+            match *st {
+                MergeStep::Lora {
+                    coef,
+                    mat,
+                    r,
+                    post_scale,
+                    mode,
+                } => {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        let mut acc = 0f32;
+                        for k in 0..r {
+                            acc = coef[i * r + k].mul_add(mat[k * cols + j], acc);
+                        }
+                        if post_scale != 1.0 {
+                            acc *= post_scale;
+                        }
+                        let d = if mode == LoraMode::AddRounded {
+                            ty.round1(acc)
+                        } else {
+                            acc
+                        };
+                        *v = if mode == LoraMode::DoraV {
+                            *v + d
+                        } else {
+                            ty.round1(*v + d)
+                        };
+                    }
+                }
+                MergeStep::DoraRows { magnitude } => {
+                    let f = magnitude[i] / l2_norm(row);
+                    row.iter_mut().for_each(|v| *v = ty.round1(*v * f));
+                }
+                MergeStep::DoraCols { magnitude, norms } => {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = ty.round1(*v * (magnitude[j] / norms[j]));
+                    }
+                }
+                MergeStep::AddVec(a) => {
+                    for (v, a) in row.iter_mut().zip(a) {
+                        *v = ty.round1(*v + *a);
+                    }
+                }
+                MergeStep::ScaleRows(l) => row.iter_mut().for_each(|v| *v = ty.round1(*v * l[i])),
+                MergeStep::ScaleCols(l) => {
+                    for (v, s) in row.iter_mut().zip(l) {
+                        *v = ty.round1(*v * *s);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn batched_merge_path_slices_rows_and_spot_checks() {
+    let mut rng = Rng(77);
+    let (rows, cols, r) = (40usize, 70usize, 4usize);
+    let w = rng.vec(rows * cols, |g| g.weight("BF16"));
+    let lin = LoraDelta::new(
+        Layout::Linear,
+        &[term(
+            rng.vec(r * cols, Rng::dyadic),
+            rng.vec(rows * r, Rng::dyadic),
+            r,
+            0.5,
+            1.0,
+        )],
+    );
+    let conv = LoraDelta::new(
+        Layout::Conv1D,
+        &[term(
+            rng.vec(r * rows, Rng::dyadic),
+            rng.vec(cols * r, Rng::dyadic),
+            r,
+            2.0,
+            1.0,
+        )],
+    );
+    let positive = |g: &mut Rng, n: usize| g.vec(n, |g| g.dyadic().abs() + 0.25);
+    let by_rows = vec![
+        Op::Add(lin.clone()),
+        Op::Dora {
+            delta: lin,
+            magnitude: positive(&mut rng, rows),
+            per_column: false,
+        },
+        Op::AddVec(rng.vec(cols, Rng::dyadic)),
+        Op::Scale {
+            l: positive(&mut rng, rows),
+            per_row: true,
+        },
+        Op::Scale {
+            l: positive(&mut rng, cols),
+            per_row: false,
+        },
+    ];
+    let by_cols = vec![Op::Dora {
+        delta: conv,
+        magnitude: positive(&mut rng, cols),
+        per_column: true,
+    }];
+    let mut w_bf16 = w.clone();
+    FloatType::BF16.round(&mut w_bf16);
+    let col_norms = column_norms_dense(&w_bf16, rows, cols, &by_cols[0]);
+    let src = MergedRows {
+        inner: Box::new(crate::plan::VecRows {
+            data: w.clone(),
+            cols,
+        }),
+        ty: FloatType::BF16,
+        steps: vec![],
+        prepared: Mutex::new(None),
+    };
+    for (ops, norms) in [(&by_rows, vec![None; 5]), (&by_cols, vec![Some(col_norms)])] {
+        for (row0, n) in [(0usize, rows), (7, 20), (39, 1)] {
+            let mut want = vec![0f32; n * cols];
+            src.compute(row0, &mut want, ops, &norms).unwrap();
+            let mut got = vec![0f32; n * cols];
+            src.compute_batched(&run_steps, row0, &mut got, ops, &norms)
+                .unwrap();
+            assert_bits(&format!("rows {row0}..{}", row0 + n), &got, &want);
+            // a runner that gets the last row wrong is caught
+            let bad = |x: &mut [f32], c: usize, d: gpu::Dtype, s: &[MergeStep]| {
+                run_steps(x, c, d, s)?;
+                let last = x.len() - 1;
+                x[last] = f32::from_bits(x[last].to_bits() ^ 1);
+                Ok(())
+            };
+            let e = src
+                .compute_batched(&bad, row0, &mut got, ops, &norms)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("differs from the CPU's at row {}", row0 + n - 1)),
+                "{e}"
+            );
+        }
+    }
+}
