@@ -85,9 +85,10 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// Number of positions whose label is not [`IGNORE`].
+    /// Number of labels the causal-LM loss uses: those not [`IGNORE`], after the first
+    /// position (the loss shifts the labels by one, so nothing predicts position 0).
     pub fn trained_tokens(&self) -> usize {
-        self.labels.iter().filter(|&&l| l != IGNORE).count()
+        self.labels.iter().skip(1).filter(|&&l| l != IGNORE).count()
     }
 
     pub fn len(&self) -> usize {
@@ -824,6 +825,10 @@ mod tests {
         assert_eq!(s.trained_tokens(), 2);
         let (kept, dropped) = drop_untrained(vec![s.clone(), Sample::new(vec![1], |_| false)]);
         assert_eq!((kept, dropped), (vec![s], 1));
+        // a label at position 0 alone is nothing the loss sees
+        let first_only = Sample::new(vec![5, 6], |k| k == 0);
+        assert_eq!(first_only.trained_tokens(), 0);
+        assert_eq!(drop_untrained(vec![first_only]).1, 1);
     }
 
     #[test]

@@ -52,11 +52,6 @@ pub fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// Trained (shifted) label count of a sample.
-fn n_trained(s: &Sample) -> usize {
-    s.labels.iter().skip(1).filter(|&&l| l != IGNORE).count()
-}
-
 /// A padded micro-batch.
 struct Batch {
     ids: Tensor,
@@ -338,7 +333,7 @@ fn evaluate(model: &Model, rows: &[Sample], bs: usize, pad: u32) -> Result<(f64,
         let logits = model.forward(&b.ids, None)?;
         let s = causal_lm_loss(&logits, &b.labels, 1)?.to_scalar::<f32>()?;
         sum += s as f64;
-        n += chunk.iter().map(n_trained).sum::<usize>();
+        n += chunk.iter().map(Sample::trained_tokens).sum::<usize>();
     }
     Ok((if n > 0 { sum / n as f64 } else { f64::NAN }, n))
 }
@@ -351,7 +346,7 @@ fn accumulate(
     pad: u32,
     dropout: Option<(f64, u64, u64)>,
 ) -> Result<(f64, Vec<Tensor>, usize)> {
-    let n_items: usize = micro.iter().flatten().map(|s| n_trained(s)).sum();
+    let n_items: usize = micro.iter().flatten().map(|s| s.trained_tokens()).sum();
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
     let mut loss_sum = 0f64;
     let mut tokens = 0;
@@ -390,7 +385,7 @@ fn probe(model: &Model, rows: &[Sample], bs: usize, pad: u32, out: &Path) -> Res
     let params = model.trainable();
     let first: Vec<&Sample> = rows.iter().take(bs).collect();
     let b = collate(&first, pad, &model.device)?;
-    let n_items: usize = first.iter().map(|s| n_trained(s)).sum();
+    let n_items: usize = first.iter().map(|s| s.trained_tokens()).sum();
     let logits = model.forward(&b.ids, None)?;
     let loss = causal_lm_loss(&logits, &b.labels, n_items)?;
     let gs = loss.backward()?;
@@ -569,7 +564,7 @@ pub fn run(a: &Args, quiet: bool) -> Result<()> {
 
     if a.dry_run {
         let tokens: usize = train.iter().map(|s| s.input_ids.len()).sum();
-        let trained: usize = train.iter().map(n_trained).sum();
+        let trained: usize = train.iter().map(Sample::trained_tokens).sum();
         println!("finetune plan for {}", a.base.display());
         println!(
             "  model: {} layers, hidden {}, vocab {}; base weights {}",
