@@ -352,7 +352,13 @@ impl Gpu {
                         std::slice::from_raw_parts_mut(py, out_len),
                     )
                 };
-                hx.copy_from_slice(xs);
+                // into pinned memory on all threads (one thread copies ~10 GB/s at best)
+                {
+                    use rayon::prelude::*;
+                    hx.par_chunks_mut(1 << 18)
+                        .zip(xs.par_chunks(1 << 18))
+                        .for_each(|(d, s)| d.copy_from_slice(s));
+                }
                 let s = lane.stream.clone();
                 s.memcpy_htod(&*hx, &mut lane.dx.slice_mut(..n))
                     .map_err(derr)?;
