@@ -313,11 +313,34 @@ pub fn dequantize_4bit(
     out: &mut [f32],
 ) {
     let table = &qt.codebook().table;
-    for (k, o) in out.iter_mut().enumerate() {
-        let i = first + k;
+    let one = |i: usize| {
         let byte = packed[i / 2];
         let code = if i & 1 == 0 { byte >> 4 } else { byte & 0x0F };
-        *o = table[code as usize] * absmax[i / BLOCKSIZE];
+        table[code as usize] * absmax[i / BLOCKSIZE]
+    };
+    // up to the first block boundary, value by value
+    let head = ((BLOCKSIZE - first % BLOCKSIZE) % BLOCKSIZE).min(out.len());
+    for (k, o) in out[..head].iter_mut().enumerate() {
+        *o = one(first + k);
+    }
+    // whole blocks: the 16 products `table[c] * absmax` once per block (the same f32 products),
+    // then two look-ups per byte
+    let mut b = (first + head) / BLOCKSIZE;
+    for o in out[head..].chunks_exact_mut(BLOCKSIZE) {
+        let am = absmax[b];
+        let scaled: [f32; 16] = std::array::from_fn(|c| table[c] * am);
+        let bytes = &packed[b * BLOCKSIZE / 2..(b + 1) * BLOCKSIZE / 2];
+        for (pair, &byte) in o.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = scaled[(byte >> 4) as usize];
+            pair[1] = scaled[(byte & 0x0F) as usize];
+        }
+        b += 1;
+    }
+    // the rest, value by value
+    let n = out.len();
+    let done = n - (n - head) % BLOCKSIZE;
+    for k in done..n {
+        out[k] = one(first + k);
     }
 }
 
@@ -528,6 +551,36 @@ pub fn python_float_repr(x: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dequantize_any_range_is_the_per_value_formula() {
+        let n = 1000;
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let (packed, absmax) = quantize_4bit(QuantType::Nf4, &x);
+        let table = QuantType::Nf4.codebook().table;
+        let value = |i: usize| {
+            let b = packed[i / 2];
+            table[(if i % 2 == 0 { b >> 4 } else { b & 15 }) as usize] * absmax[i / BLOCKSIZE]
+        };
+        for (first, len) in [
+            (0, n),
+            (0, 64),
+            (1, 0),
+            (3, 5),
+            (63, 2),
+            (64, 128),
+            (65, 900),
+            (999, 1),
+        ] {
+            let mut out = vec![0f32; len];
+            dequantize_4bit(QuantType::Nf4, &packed, &absmax, first, &mut out);
+            for (k, v) in out.iter().enumerate() {
+                assert_eq!(v.to_bits(), value(first + k).to_bits(), "{first}+{k}");
+            }
+        }
+    }
 
     #[test]
     fn python_repr() {

@@ -525,11 +525,22 @@ pub fn dropout_mask(len: usize, p: f64, seed: u64, key: &[u64]) -> Vec<f32> {
     let mut full = Vec::with_capacity(key.len() + 1);
     full.push(purpose::DROPOUT);
     full.extend_from_slice(key);
-    let mut rng = SplitMix64::keyed(seed, &full);
+    use rayon::prelude::*;
+    let start = SplitMix64::keyed(seed, &full).state;
     let keep = (1.0 / (1.0 - p)) as f32;
-    (0..len)
-        .map(|_| if rng.next_f64() < p { 0.0 } else { keep })
-        .collect()
+    // value i is the stream's (i + 1)-th draw: SplitMix64's state advances by a constant, so
+    // the draws are computed in parallel from their index, the same values as in sequence
+    let mut out = vec![0f32; len];
+    const CH: usize = 1 << 14;
+    out.par_chunks_mut(CH).enumerate().for_each(|(c, o)| {
+        let mut rng = SplitMix64 {
+            state: start.wrapping_add(GOLDEN.wrapping_mul((c * CH) as u64)),
+        };
+        for v in o.iter_mut() {
+            *v = if rng.next_f64() < p { 0.0 } else { keep };
+        }
+    });
+    out
 }
 
 /// PEFT's LoRA A init (`kaiming_uniform_(a=√5)` on `[rows, cols]`, fan_in = `cols`):
@@ -1251,6 +1262,19 @@ mod tests {
             first[shuffle_indices(3, 9, epoch)[0]] += 1;
         }
         assert!(first.iter().all(|&c| (850..1150).contains(&c)), "{first:?}");
+    }
+
+    #[test]
+    fn dropout_mask_is_the_sequential_stream() {
+        let (seed, key, p) = (11u64, [3u64, 1, 7], 0.3);
+        let n = 40_000; // several parallel chunks and a partial one
+        let m = dropout_mask(n, p, seed, &key);
+        let mut rng = SplitMix64::keyed(seed, &[purpose::DROPOUT, 3, 1, 7]);
+        let keep = (1.0 / (1.0 - p)) as f32;
+        for (i, v) in m.iter().enumerate() {
+            let want = if rng.next_f64() < p { 0.0 } else { keep };
+            assert_eq!(v.to_bits(), want.to_bits(), "value {i}");
+        }
     }
 
     #[test]
