@@ -325,8 +325,8 @@ pub fn dequantize_4bit(
     }
     // whole blocks: the 16 products `table[c] * absmax` once per block (the same f32 products),
     // then two look-ups per byte
-    let mut b = (first + head) / BLOCKSIZE;
-    for o in out[head..].chunks_exact_mut(BLOCKSIZE) {
+    let b0 = (first + head) / BLOCKSIZE;
+    for (b, o) in (b0..).zip(out[head..].chunks_exact_mut(BLOCKSIZE)) {
         let am = absmax[b];
         let scaled: [f32; 16] = std::array::from_fn(|c| table[c] * am);
         let bytes = &packed[b * BLOCKSIZE / 2..(b + 1) * BLOCKSIZE / 2];
@@ -334,13 +334,12 @@ pub fn dequantize_4bit(
             pair[0] = scaled[(byte >> 4) as usize];
             pair[1] = scaled[(byte & 0x0F) as usize];
         }
-        b += 1;
     }
     // the rest, value by value
     let n = out.len();
     let done = n - (n - head) % BLOCKSIZE;
-    for k in done..n {
-        out[k] = one(first + k);
+    for (k, o) in out.iter_mut().enumerate().skip(done) {
+        *o = one(first + k);
     }
 }
 
@@ -562,7 +561,8 @@ mod tests {
         let table = QuantType::Nf4.codebook().table;
         let value = |i: usize| {
             let b = packed[i / 2];
-            table[(if i % 2 == 0 { b >> 4 } else { b & 15 }) as usize] * absmax[i / BLOCKSIZE]
+            table[(if i.is_multiple_of(2) { b >> 4 } else { b & 15 }) as usize]
+                * absmax[i / BLOCKSIZE]
         };
         for (first, len) in [
             (0, n),

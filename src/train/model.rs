@@ -4,7 +4,9 @@
 //!
 //! Frozen base linears are held either in NF4 with double quantization (QLoRA: dequantized tile
 //! by tile in the forward and again in the backward, which returns only ∂L/∂x), or as f32 tensors
-//! (`--base-dtype f32`, or bf16-rounded values for `bf16`). Embeddings, norms and the LM head stay
+//! (`--base-dtype f32`, or bf16-rounded values for `bf16`). On the CPU a LoRA projection is one
+//! custom op (`LoraMatMul`: base, dropout, A, B and the scale, with its backward to x, A and B
+//! written out) whose matmuls call the gemm crate on the slices directly. Embeddings, norms and the LM head stay
 //! f32, as `peft.prepare_model_for_kbit_training` leaves them. Fused candle ops that drop gradients
 //! (`softmax_last_dim`, `rms_norm`, `rope`) are never used (shared/specs/rust-crates.md §3.4).
 
@@ -12,7 +14,7 @@ use crate::checkpoint::HfCheckpoint;
 use crate::checkpoint::config::ModelConfig;
 use crate::quant::nf4;
 use anyhow::{Context, Result, anyhow, bail};
-use candle_core::{CpuStorage, CustomOp1, D, Device, Layout, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, D, Device, Layout, Shape, Tensor, Var};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -119,46 +121,216 @@ impl Nf4Weight {
         self.dequantize_rows(&self.absmax(), 0, self.out)
     }
 
-    /// `x [n, in] → x Wᵀ [n, out]`, one tile of W in f32 at a time.
-    fn forward_tiles(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `y = x Wᵀ` for `x [n, in]`, one tile of W in f32 at a time.
+    fn forward_tiles(&self, x: &[f32], n: usize, y: &mut [f32]) {
         let absmax = self.absmax();
         let tr = tile_rows(self.inp);
-        let mut parts = Vec::new();
         let mut r0 = 0;
         while r0 < self.out {
-            let n = tr.min(self.out - r0);
-            let w = Tensor::from_vec(
-                self.dequantize_rows(&absmax, r0, n),
-                (n, self.inp),
-                x.device(),
-            )?;
-            parts.push(x.matmul(&w.t()?)?);
-            r0 += n;
+            let nt = tr.min(self.out - r0);
+            with_tile(self, &absmax, r0, nt, |w| {
+                // y[:, r0..r0+nt] = x · w_tileᵀ
+                sgemm(
+                    Dims {
+                        m: n,
+                        n: nt,
+                        k: self.inp,
+                    },
+                    Mat {
+                        data: &mut y[r0..],
+                        rs: self.out,
+                    },
+                    false,
+                    View {
+                        data: x,
+                        rs: self.inp,
+                        cs: 1,
+                    },
+                    View {
+                        data: w,
+                        rs: 1,
+                        cs: self.inp,
+                    },
+                )
+            });
+            r0 += nt;
         }
-        Tensor::cat(&parts, 1)
     }
 
-    /// `g [n, out] → g W [n, in]`, summed over tiles of W.
-    fn backward_tiles(&self, g: &Tensor) -> candle_core::Result<Tensor> {
+    /// `gx (+)= g W` for `g [n, out]`, summed over tiles of W (`accumulate`: add to `gx`).
+    fn backward_tiles(&self, g: &[f32], n: usize, gx: &mut [f32], accumulate: bool) {
         let absmax = self.absmax();
         let tr = tile_rows(self.inp);
-        let mut acc: Option<Tensor> = None;
         let mut r0 = 0;
         while r0 < self.out {
-            let n = tr.min(self.out - r0);
-            let w = Tensor::from_vec(
-                self.dequantize_rows(&absmax, r0, n),
-                (n, self.inp),
-                g.device(),
-            )?;
-            let part = g.narrow(1, r0, n)?.contiguous()?.matmul(&w)?;
-            acc = Some(match acc {
-                None => part,
-                Some(a) => (a + part)?,
+            let nt = tr.min(self.out - r0);
+            with_tile(self, &absmax, r0, nt, |w| {
+                // gx (+)= g[:, r0..r0+nt] · w_tile
+                sgemm(
+                    Dims {
+                        m: n,
+                        n: self.inp,
+                        k: nt,
+                    },
+                    Mat {
+                        data: gx,
+                        rs: self.inp,
+                    },
+                    accumulate || r0 > 0,
+                    View {
+                        data: &g[r0..],
+                        rs: self.out,
+                        cs: 1,
+                    },
+                    View {
+                        data: w,
+                        rs: self.inp,
+                        cs: 1,
+                    },
+                )
             });
-            r0 += n;
+            r0 += nt;
         }
-        acc.ok_or_else(|| candle_core::Error::Msg("empty weight".into()))
+    }
+}
+
+/// Rows `[r0, r0 + nt)` of `w` dequantized into a buffer kept by the calling thread (no
+/// allocation or zeroing per call), handed to `f`.
+fn with_tile<R>(
+    w: &Nf4Weight,
+    absmax: &[f32],
+    r0: usize,
+    nt: usize,
+    f: impl FnOnce(&[f32]) -> R,
+) -> R {
+    thread_local! {
+        static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    TILE.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        let len = nt * w.inp;
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        buf[..len]
+            .par_chunks_mut(w.inp)
+            .enumerate()
+            .for_each(|(i, row)| {
+                nf4::dequantize_4bit(
+                    nf4::QuantType::Nf4,
+                    &w.packed,
+                    absmax,
+                    (r0 + i) * w.inp,
+                    row,
+                )
+            });
+        f(&buf[..len])
+    })
+}
+
+/// gemm sizes: `m × k` times `k × n`.
+struct Dims {
+    m: usize,
+    n: usize,
+    k: usize,
+}
+
+/// A row-major f32 destination: element (i, j) at `data[i * rs + j]`.
+struct Mat<'a> {
+    data: &'a mut [f32],
+    rs: usize,
+}
+
+/// An f32 operand: element (i, j) at `data[i * rs + j * cs]`.
+struct View<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+/// `dst (+)= lhs · rhs` with the gemm crate (candle's own CPU matmul kernel) on the rayon
+/// threads, straight on the slices: no tensors, copies or zero-filled outputs.
+fn sgemm(d: Dims, dst: Mat, accumulate: bool, lhs: View, rhs: View) {
+    if d.m == 0 || d.n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(
+        last(d.m, d.n, dst.rs, 1) < dst.data.len(),
+        "sgemm: destination too short"
+    );
+    if d.k > 0 {
+        assert!(
+            last(d.m, d.k, lhs.rs, lhs.cs) < lhs.data.len(),
+            "sgemm: lhs too short"
+        );
+        assert!(
+            last(d.k, d.n, rhs.rs, rhs.cs) < rhs.data.len(),
+            "sgemm: rhs too short"
+        );
+    }
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every element the sizes and strides address lies inside its slice (asserted
+    // above), and the destination is a unique borrow, so it overlaps no operand.
+    unsafe {
+        gemm::gemm(
+            d.m,
+            d.n,
+            d.k,
+            dst.data.as_mut_ptr(),
+            1,
+            dst.rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// The f32 values of a CPU tensor (made contiguous), handed to `f`.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(CpuStorage::F32(v)) = &*st else {
+        candle_core::bail!("an f32 CPU tensor was expected");
+    };
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("tensor not contiguous".into()))?;
+    Ok(f(&v[a..b]))
+}
+
+/// The f32 slice of a tensor's storage (contiguous layout).
+fn storage_slice<'a>(st: &'a candle_core::Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(s) = st else {
+        candle_core::bail!("a CPU tensor was expected");
+    };
+    cpu_slice(s, l, "tensor")
+}
+
+/// The f32 slice of a contiguous op input.
+fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: f32 expected");
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: must be contiguous"),
     }
 }
 
@@ -171,19 +343,85 @@ pub enum Frozen {
 }
 
 impl Frozen {
-    /// `x Wᵀ` outside the autograd graph.
-    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `y = x Wᵀ` for `x [n, inp]` (outside the autograd graph).
+    fn apply(&self, x: &[f32], n: usize, inp: usize, y: &mut [f32]) -> candle_core::Result<()> {
         match self {
-            Frozen::Dense(w) => x.matmul(&w.t()?),
-            Frozen::Nf4(w) => w.forward_tiles(x),
+            Frozen::Dense(w) => {
+                let out = w.dim(0)?;
+                with_cpu_f32(w, |w| {
+                    sgemm(
+                        Dims {
+                            m: n,
+                            n: out,
+                            k: inp,
+                        },
+                        Mat { data: y, rs: out },
+                        false,
+                        View {
+                            data: x,
+                            rs: inp,
+                            cs: 1,
+                        },
+                        View {
+                            data: w,
+                            rs: 1,
+                            cs: inp,
+                        },
+                    )
+                })
+            }
+            Frozen::Nf4(w) => {
+                w.forward_tiles(x, n, y);
+                Ok(())
+            }
         }
     }
 
-    /// `g W`: the gradient with respect to the input.
-    fn apply_back(&self, g: &Tensor) -> candle_core::Result<Tensor> {
+    /// `gx (+)= g W` for `g [n, out]`: the gradient with respect to the input.
+    fn apply_back(
+        &self,
+        g: &[f32],
+        n: usize,
+        out: usize,
+        gx: &mut [f32],
+        accumulate: bool,
+    ) -> candle_core::Result<()> {
         match self {
-            Frozen::Dense(w) => g.matmul(w),
-            Frozen::Nf4(w) => w.backward_tiles(g),
+            Frozen::Dense(w) => {
+                let inp = w.dim(1)?;
+                with_cpu_f32(w, |w| {
+                    sgemm(
+                        Dims {
+                            m: n,
+                            n: inp,
+                            k: out,
+                        },
+                        Mat { data: gx, rs: inp },
+                        accumulate,
+                        View {
+                            data: g,
+                            rs: out,
+                            cs: 1,
+                        },
+                        View {
+                            data: w,
+                            rs: inp,
+                            cs: 1,
+                        },
+                    )
+                })
+            }
+            Frozen::Nf4(w) => {
+                w.backward_tiles(g, n, gx, accumulate);
+                Ok(())
+            }
+        }
+    }
+
+    fn in_dim(&self) -> candle_core::Result<usize> {
+        match self {
+            Frozen::Dense(w) => w.dim(1),
+            Frozen::Nf4(w) => Ok(w.inp),
         }
     }
 
@@ -227,12 +465,13 @@ impl CustomOp1 for FrozenMatMul {
         };
         let (n, inp) = layout.shape().dims2()?;
         let x = match layout.contiguous_offsets() {
-            Some((a, b)) => Tensor::from_slice(&data[a..b], (n, inp), &Device::Cpu)?,
+            Some((a, b)) => &data[a..b],
             None => candle_core::bail!("frozen-matmul: input must be contiguous"),
         };
-        let y = self.0.apply(&x)?;
-        let v = y.flatten_all()?.to_vec1::<f32>()?;
-        Ok((CpuStorage::F32(v), Shape::from((n, self.0.out_dim()?))))
+        let out = self.0.out_dim()?;
+        let mut y = vec![0f32; n * out];
+        self.0.apply(x, n, inp, &mut y)?;
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
     fn bwd(
@@ -241,7 +480,11 @@ impl CustomOp1 for FrozenMatMul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(self.0.apply_back(&grad.contiguous()?)?))
+        let (n, out) = grad.dims2()?;
+        let inp = self.0.in_dim()?;
+        let mut gx = vec![0f32; n * inp];
+        with_cpu_f32(grad, |g| self.0.apply_back(g, n, out, &mut gx, false))??;
+        Ok(Some(Tensor::from_vec(gx, (n, inp), grad.device())?))
     }
 }
 
@@ -282,12 +525,27 @@ impl Proj {
         module: usize,
         dropout: Option<&dyn DropoutSource>,
     ) -> candle_core::Result<Tensor> {
+        let mask = || dropout.and_then(|d| d.mask(module, x.elem_count()));
+        if let (Some(l), true) = (&self.lora, x.device().is_cpu()) {
+            let op = LoraMatMul {
+                base: self.base.clone(),
+                mask: mask().map(Arc::new),
+                scale: l.scale as f32,
+            };
+            let mut y = x
+                .contiguous()?
+                .apply_op3(l.a.as_tensor(), l.b.as_tensor(), op)?;
+            if let Some(b) = &self.bias {
+                y = y.broadcast_add(b)?;
+            }
+            return Ok(y);
+        }
         let mut y = self.base.forward(x)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
         if let Some(l) = &self.lora {
-            let xin = match dropout.and_then(|d| d.mask(module, x.elem_count())) {
+            let xin = match mask() {
                 Some(m) => (x * Tensor::from_vec(m, x.shape(), x.device())?)?,
                 None => x.clone(),
             };
@@ -296,6 +554,244 @@ impl Proj {
             y = (y + d.affine(l.scale, 0.0)?)?;
         }
         Ok(y)
+    }
+}
+
+/// A LoRA projection in one op: `y = x Wᵀ + ((x ⊙ m) Aᵀ) Bᵀ · s` (PEFT's order: the base
+/// layer, then `lora_B(lora_A(dropout(x))) * scaling`), with the backward to x, A and B written
+/// out, so a projection is one node of the graph instead of a dozen (dropout, two matmuls and
+/// their transposes, the scale, the sum, each with its own gradient buffers).
+struct LoraMatMul {
+    base: Frozen,
+    /// The dropout mask (0 or 1/(1−p) per element of x), if any.
+    mask: Option<Arc<Vec<f32>>>,
+    scale: f32,
+}
+
+impl LoraMatMul {
+    /// `x ⊙ m` (or `x`).
+    fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        match &self.mask {
+            None => std::borrow::Cow::Borrowed(x),
+            Some(m) => {
+                let mut v = vec![0f32; x.len()];
+                v.par_chunks_mut(1 << 14)
+                    .zip(x.par_chunks(1 << 14).zip(m.par_chunks(1 << 14)))
+                    .for_each(|(o, (x, m))| {
+                        for ((o, x), m) in o.iter_mut().zip(x).zip(m) {
+                            *o = x * m;
+                        }
+                    });
+                std::borrow::Cow::Owned(v)
+            }
+        }
+    }
+}
+
+/// `t = xd Aᵀ` for `xd [n, inp]`, `A [r, inp]`.
+fn lora_down(xd: &[f32], a: &[f32], n: usize, inp: usize, r: usize) -> Vec<f32> {
+    let mut t = vec![0f32; n * r];
+    sgemm(
+        Dims { m: n, n: r, k: inp },
+        Mat {
+            data: &mut t,
+            rs: r,
+        },
+        false,
+        View {
+            data: xd,
+            rs: inp,
+            cs: 1,
+        },
+        View {
+            data: a,
+            rs: 1,
+            cs: inp,
+        },
+    );
+    t
+}
+
+impl CustomOp3 for LoraMatMul {
+    fn name(&self) -> &'static str {
+        "lora-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, inp) = l1.shape().dims2()?;
+        let (r, out) = (l2.shape().dims2()?.0, l3.shape().dims2()?.0);
+        if l2.shape().dims2()? != (r, inp) || l3.shape().dims2()? != (out, r) {
+            candle_core::bail!("lora-matmul: shapes do not match");
+        }
+        let x = cpu_slice(s1, l1, "lora-matmul input")?;
+        let (a, b) = (cpu_slice(s2, l2, "lora_A")?, cpu_slice(s3, l3, "lora_B")?);
+        let mut y = vec![0f32; n * out];
+        self.base.apply(x, n, inp, &mut y)?;
+        let t = lora_down(&self.dropped(x), a, n, inp, r);
+        let mut u = vec![0f32; n * out];
+        sgemm(
+            Dims { m: n, n: out, k: r },
+            Mat {
+                data: &mut u,
+                rs: out,
+            },
+            false,
+            View {
+                data: &t,
+                rs: r,
+                cs: 1,
+            },
+            View {
+                data: b,
+                rs: 1,
+                cs: r,
+            },
+        );
+        let s = self.scale;
+        y.par_chunks_mut(1 << 14)
+            .zip(u.par_chunks(1 << 14))
+            .for_each(|(y, u)| {
+                for (y, u) in y.iter_mut().zip(u) {
+                    *y += u * s;
+                }
+            });
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, inp) = x.dims2()?;
+        let (r, out) = (a.dim(0)?, b.dim(0)?);
+        let s = self.scale;
+        let (xt, at, bt, gt) = (
+            x.contiguous()?,
+            a.contiguous()?,
+            b.contiguous()?,
+            grad.contiguous()?,
+        );
+        let (xg, xl) = xt.storage_and_layout();
+        let (ag, al) = at.storage_and_layout();
+        let (bg, bl) = bt.storage_and_layout();
+        let (gg, gl) = gt.storage_and_layout();
+        let x = storage_slice(&xg, xl)?;
+        let a = storage_slice(&ag, al)?;
+        let b = storage_slice(&bg, bl)?;
+        let gy = storage_slice(&gg, gl)?;
+        // forward intermediates again: xd = x ⊙ m, t = xd Aᵀ
+        let xd = self.dropped(x);
+        let t = lora_down(&xd, a, n, inp, r);
+        // ∂u = ∂y · s (u = t Bᵀ)
+        let gu: Vec<f32> = gy.par_iter().map(|g| g * s).collect();
+        // ∂B = ∂uᵀ t [out, r]
+        let mut gb = vec![0f32; out * r];
+        sgemm(
+            Dims { m: out, n: r, k: n },
+            Mat {
+                data: &mut gb,
+                rs: r,
+            },
+            false,
+            View {
+                data: &gu,
+                rs: 1,
+                cs: out,
+            },
+            View {
+                data: &t,
+                rs: r,
+                cs: 1,
+            },
+        );
+        // ∂t = ∂u B [n, r]
+        let mut g_t = vec![0f32; n * r];
+        sgemm(
+            Dims { m: n, n: r, k: out },
+            Mat {
+                data: &mut g_t,
+                rs: r,
+            },
+            false,
+            View {
+                data: &gu,
+                rs: out,
+                cs: 1,
+            },
+            View {
+                data: b,
+                rs: r,
+                cs: 1,
+            },
+        );
+        // ∂A = ∂tᵀ xd [r, inp]
+        let mut ga = vec![0f32; r * inp];
+        sgemm(
+            Dims { m: r, n: inp, k: n },
+            Mat {
+                data: &mut ga,
+                rs: inp,
+            },
+            false,
+            View {
+                data: &g_t,
+                rs: 1,
+                cs: r,
+            },
+            View {
+                data: &xd,
+                rs: inp,
+                cs: 1,
+            },
+        );
+        // ∂x = (∂t A) ⊙ m + ∂y W
+        let mut gx = vec![0f32; n * inp];
+        sgemm(
+            Dims { m: n, n: inp, k: r },
+            Mat {
+                data: &mut gx,
+                rs: inp,
+            },
+            false,
+            View {
+                data: &g_t,
+                rs: r,
+                cs: 1,
+            },
+            View {
+                data: a,
+                rs: inp,
+                cs: 1,
+            },
+        );
+        if let Some(m) = &self.mask {
+            gx.par_chunks_mut(1 << 14)
+                .zip(m.par_chunks(1 << 14))
+                .for_each(|(g, m)| {
+                    for (g, m) in g.iter_mut().zip(m) {
+                        *g *= m;
+                    }
+                });
+        }
+        self.base.apply_back(gy, n, out, &mut gx, true)?;
+        let dev = xt.device();
+        Ok((
+            Some(Tensor::from_vec(gx, (n, inp), dev)?),
+            Some(Tensor::from_vec(ga, (r, inp), dev)?),
+            Some(Tensor::from_vec(gb, (out, r), dev)?),
+        ))
     }
 }
 
@@ -1058,6 +1554,101 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    /// Mask values for the fused-op test: 0 or 1/(1-p) with p = 0.25.
+    struct EveryFifth;
+    impl DropoutSource for EveryFifth {
+        fn mask(&self, module: usize, len: usize) -> Option<Vec<f32>> {
+            Some(
+                (0..len)
+                    .map(|i| {
+                        if (i + module).is_multiple_of(5) {
+                            0.0
+                        } else {
+                            4.0 / 3.0
+                        }
+                    })
+                    .collect(),
+            )
+        }
+    }
+
+    #[test]
+    fn fused_lora_projection_has_the_values_and_gradients_of_its_composition() {
+        let (out, inp, n, r) = (70, 192, 7, 4);
+        let dev = Device::Cpu;
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i as f32) * 0.731).sin() * 0.1)
+            .collect();
+        let q = Arc::new(Nf4Weight::quantize(out, inp, &w));
+        let dense = Tensor::from_vec(q.dequantize(), (out, inp), &dev).unwrap();
+        for (base, dropout) in [
+            (Frozen::Nf4(q.clone()), true),
+            (Frozen::Dense(dense.clone()), false),
+        ] {
+            let seq = |k: usize, f: f32| -> Vec<f32> {
+                (0..k).map(|i| ((i as f32) * f).sin() * 0.3).collect()
+            };
+            let x = Var::from_vec(seq(n * inp, 0.17), (n, inp), &dev).unwrap();
+            let a = Var::from_vec(seq(r * inp, 0.29), (r, inp), &dev).unwrap();
+            let b = Var::from_vec(seq(out * r, 0.41), (out, r), &dev).unwrap();
+            let proj = Proj {
+                path: "p".into(),
+                base,
+                bias: None,
+                lora: Some(Lora {
+                    a: a.clone(),
+                    b: b.clone(),
+                    scale: 2.5,
+                }),
+                out,
+                inp,
+            };
+            let drop: Option<&dyn DropoutSource> = if dropout { Some(&EveryFifth) } else { None };
+            let y = proj.forward(x.as_tensor(), 3, drop).unwrap();
+            // the composition: x Wᵀ + ((x ⊙ m) Aᵀ) Bᵀ · s from plain candle ops
+            let xin = match drop.and_then(|d| d.mask(3, n * inp)) {
+                Some(m) => (x.as_tensor() * Tensor::from_vec(m, (n, inp), &dev).unwrap()).unwrap(),
+                None => x.as_tensor().clone(),
+            };
+            let lora = xin
+                .matmul(&a.as_tensor().t().unwrap())
+                .unwrap()
+                .matmul(&b.as_tensor().t().unwrap())
+                .unwrap()
+                .affine(2.5, 0.0)
+                .unwrap();
+            let y_ref = (x.as_tensor().matmul(&dense.t().unwrap()).unwrap() + lora).unwrap();
+            assert!(max_diff(&y, &y_ref) < 1e-5, "forward");
+            // a loss that weighs every output differently
+            let wts = Tensor::from_vec(seq(n * out, 0.07), (n, out), &dev).unwrap();
+            let g = (&y * &wts).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = (&y_ref * &wts)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("x", &x), ("A", &a), ("B", &b)] {
+                let (got, want) = (
+                    g.get(v.as_tensor()).unwrap(),
+                    g_ref.get(v.as_tensor()).unwrap(),
+                );
+                let scale = want
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    max_diff(got, want) <= 1e-5 * scale.max(1.0),
+                    "gradient of {name}: {} (scale {scale})",
+                    max_diff(got, want)
+                );
+            }
+        }
     }
 
     #[test]
