@@ -795,6 +795,194 @@ impl CustomOp3 for LoraMatMul {
     }
 }
 
+/// Causal self-attention in one op: `q [b, h, t, d]`, `k`, `v [b, kv, t, d]` (grouped: query
+/// head `i` reads key/value head `i / (h / kv)`) → `softmax(q kᵀ · scale + causal mask) v` laid
+/// out as `[b, t, h·d]`, with its backward to q, k and v written out. The softmax is taken as
+/// torch and candle take it (subtract the row maximum, exponentiate, divide by the sum).
+/// Replaces a dozen small candle ops per layer (the key/value repeat, transposes, two batched
+/// matmuls, scale, mask, softmax) and their gradient buffers.
+struct CausalAttention {
+    scale: f32,
+}
+
+/// `Σ a_i b_i` over equal-length slices, eight partial sums (vectorizes).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// `out += c · x`.
+fn axpy(c: f32, x: &[f32], out: &mut [f32]) {
+    for (o, x) in out.iter_mut().zip(x) {
+        *o += c * x;
+    }
+}
+
+struct AttnDims {
+    h: usize,
+    kv: usize,
+    t: usize,
+    d: usize,
+}
+
+impl CausalAttention {
+    /// Row `i` of the attention probabilities of query head `qh` in batch row `bi` (length
+    /// `i + 1`; later positions are masked to 0).
+    #[allow(clippy::too_many_arguments)]
+    fn probs(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        a: &AttnDims,
+        bi: usize,
+        qh: usize,
+        i: usize,
+        p: &mut Vec<f32>,
+    ) {
+        let kh = qh / (a.h / a.kv);
+        let qi = &q[((bi * a.h + qh) * a.t + i) * a.d..][..a.d];
+        let kb = &k[(bi * a.kv + kh) * a.t * a.d..];
+        p.clear();
+        p.extend((0..=i).map(|j| dot(qi, &kb[j * a.d..(j + 1) * a.d]) * self.scale));
+        let m = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut sum = 0f32;
+        for x in p.iter_mut() {
+            *x = (*x - m).exp();
+            sum += *x;
+        }
+        for x in p.iter_mut() {
+            *x /= sum;
+        }
+    }
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, h, t, d) = l1.shape().dims4()?;
+        let kv = l2.shape().dims4()?.1;
+        if l2.shape().dims4()? != (b, kv, t, d)
+            || l3.shape().dims4()? != (b, kv, t, d)
+            || kv == 0
+            || h % kv != 0
+        {
+            candle_core::bail!("causal-attention: shapes do not match");
+        }
+        let q = cpu_slice(s1, l1, "attention q")?;
+        let k = cpu_slice(s2, l2, "attention k")?;
+        let v = cpu_slice(s3, l3, "attention v")?;
+        let a = AttnDims { h, kv, t, d };
+        let mut o = vec![0f32; b * t * h * d];
+        // one work item per (batch row, query position): writes row (bi, i) of o
+        o.par_chunks_mut(h * d).enumerate().for_each(|(row, orow)| {
+            let (bi, i) = (row / t, row % t);
+            let mut p = Vec::with_capacity(t);
+            for qh in 0..h {
+                self.probs(q, k, &a, bi, qh, i, &mut p);
+                let vb = &v[(bi * kv + qh / (h / kv)) * t * d..];
+                let out = &mut orow[qh * d..(qh + 1) * d];
+                for (j, &pj) in p.iter().enumerate() {
+                    axpy(pj, &vb[j * d..(j + 1) * d], out);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(o), Shape::from((b, t, h * d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, h, t, d) = q.dims4()?;
+        let kv = k.dim(1)?;
+        let a = AttnDims { h, kv, t, d };
+        let (qt, kt, vt, gt) = (
+            q.contiguous()?,
+            k.contiguous()?,
+            v.contiguous()?,
+            grad.contiguous()?,
+        );
+        let (qg, ql) = qt.storage_and_layout();
+        let (kg, kl) = kt.storage_and_layout();
+        let (vg, vl) = vt.storage_and_layout();
+        let (gg, gl) = gt.storage_and_layout();
+        let qs = storage_slice(&qg, ql)?;
+        let ks = storage_slice(&kg, kl)?;
+        let vs = storage_slice(&vg, vl)?;
+        let go = storage_slice(&gg, gl)?;
+        let rep = h / kv;
+        let head = t * d;
+        let mut gq = vec![0f32; b * h * head];
+        let mut gk = vec![0f32; b * kv * head];
+        let mut gv = vec![0f32; b * kv * head];
+        // one work item per (batch row, key/value head): its query heads' ∂q, and ∂k, ∂v
+        gq.par_chunks_mut(rep * head)
+            .zip(gk.par_chunks_mut(head).zip(gv.par_chunks_mut(head)))
+            .enumerate()
+            .for_each(|(unit, (gq, (gk, gv)))| {
+                let (bi, kh) = (unit / kv, unit % kv);
+                let kb = &ks[(bi * kv + kh) * head..][..head];
+                let vb = &vs[(bi * kv + kh) * head..][..head];
+                let mut p = Vec::with_capacity(t);
+                let mut ds = vec![0f32; t];
+                for r in 0..rep {
+                    let qh = kh * rep + r;
+                    for i in 0..t {
+                        self.probs(qs, ks, &a, bi, qh, i, &mut p);
+                        let gorow = &go[(bi * t + i) * h * d + qh * d..][..d];
+                        // ∂v_j += p_j ∂o_i; ∂p_j = ∂o_i · v_j
+                        let mut pdp = 0f32;
+                        for (j, &pj) in p.iter().enumerate() {
+                            axpy(pj, gorow, &mut gv[j * d..(j + 1) * d]);
+                            ds[j] = dot(gorow, &vb[j * d..(j + 1) * d]);
+                            pdp += pj * ds[j];
+                        }
+                        // ∂s_j = p_j (∂p_j − Σ p ∂p); ∂q_i += scale Σ ∂s_j k_j; ∂k_j += scale ∂s_j q_i
+                        let qi = &qs[((bi * h + qh) * t + i) * d..][..d];
+                        let gqi = &mut gq[(r * t + i) * d..(r * t + i + 1) * d];
+                        for (j, &pj) in p.iter().enumerate() {
+                            let g = pj * (ds[j] - pdp) * self.scale;
+                            axpy(g, &kb[j * d..(j + 1) * d], gqi);
+                            axpy(g, qi, &mut gk[j * d..(j + 1) * d]);
+                        }
+                    }
+                }
+            });
+        let dev = qt.device();
+        Ok((
+            Some(Tensor::from_vec(gq, (b, h, t, d), dev)?),
+            Some(Tensor::from_vec(gk, (b, kv, t, d), dev)?),
+            Some(Tensor::from_vec(gv, (b, kv, t, d), dev)?),
+        ))
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // The model
 
@@ -1143,21 +1331,31 @@ impl Model {
             let v = v.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
             let q = Self::apply_rope(&q, &cos, &sin)?;
             let k = Self::apply_rope(&k, &cos, &sin)?;
-            let (k, v) = if h != kv {
-                let rep = h / kv;
-                let e = |x: &Tensor| {
-                    x.unsqueeze(2)?
-                        .expand((b, kv, rep, t, hd))?
-                        .reshape((b, h, t, hd))
+            let o = if self.device.is_cpu() {
+                // [b, t, h·hd] straight from the fused op
+                let op = CausalAttention {
+                    scale: scale as f32,
                 };
-                (e(&k)?, e(&v)?)
+                q.contiguous()?
+                    .apply_op3(&k.contiguous()?, &v, op)?
+                    .reshape((n, h * hd))?
             } else {
-                (k, v)
+                let (k, v) = if h != kv {
+                    let rep = h / kv;
+                    let e = |x: &Tensor| {
+                        x.unsqueeze(2)?
+                            .expand((b, kv, rep, t, hd))?
+                            .reshape((b, h, t, hd))
+                    };
+                    (e(&k)?, e(&v)?)
+                } else {
+                    (k, v)
+                };
+                let att = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
+                let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+                let o = att.matmul(&v)?; // [b, h, t, hd]
+                o.transpose(1, 2)?.reshape((n, h * hd))?
             };
-            let att = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
-            let att = candle_nn::ops::softmax(&att, D::Minus1)?;
-            let o = att.matmul(&v)?; // [b, h, t, hd]
-            let o = o.transpose(1, 2)?.reshape((n, h * hd))?;
             let o = p[3].forward(&o, module + 3, dropout)?;
             x = (x + o)?;
             let xn = self.rms_norm(&x, &layer.post_norm)?;
@@ -1645,6 +1843,91 @@ mod tests {
                 assert!(
                     max_diff(got, want) <= 1e-5 * scale.max(1.0),
                     "gradient of {name}: {} (scale {scale})",
+                    max_diff(got, want)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fused_attention_has_the_values_and_gradients_of_its_composition() {
+        let dev = Device::Cpu;
+        for (b, h, kv, t, d) in [(2, 6, 2, 7, 12), (1, 3, 3, 9, 16)] {
+            let seq = |k: usize, f: f32| -> Vec<f32> {
+                (0..k).map(|i| ((i as f32) * f).sin() * 0.8).collect()
+            };
+            let q = Var::from_vec(seq(b * h * t * d, 0.37), (b, h, t, d), &dev).unwrap();
+            let k = Var::from_vec(seq(b * kv * t * d, 0.53), (b, kv, t, d), &dev).unwrap();
+            let v = Var::from_vec(seq(b * kv * t * d, 0.71), (b, kv, t, d), &dev).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let o = q
+                .as_tensor()
+                .apply_op3(
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    CausalAttention {
+                        scale: scale as f32,
+                    },
+                )
+                .unwrap();
+            // the composition the model used before: repeat k/v, q kᵀ · scale + mask, softmax, · v
+            let rep = h / kv;
+            let e = |x: &Tensor| {
+                x.unsqueeze(2)
+                    .unwrap()
+                    .expand((b, kv, rep, t, d))
+                    .unwrap()
+                    .reshape((b, h, t, d))
+                    .unwrap()
+            };
+            let mask: Vec<f32> = (0..t * t)
+                .map(|i| {
+                    if i % t > i / t {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, t), &dev).unwrap();
+            let (kr, vr) = (e(k.as_tensor()), e(v.as_tensor()));
+            let att = (q
+                .as_tensor()
+                .matmul(&kr.t().unwrap().contiguous().unwrap())
+                .unwrap()
+                * scale)
+                .unwrap()
+                .broadcast_add(&mask)
+                .unwrap();
+            let att = candle_nn::ops::softmax(&att, D::Minus1).unwrap();
+            let o_ref = att
+                .matmul(&vr)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, t, h * d))
+                .unwrap();
+            assert!(
+                max_diff(&o, &o_ref) < 1e-5,
+                "forward {}",
+                max_diff(&o, &o_ref)
+            );
+            let wts = Tensor::from_vec(seq(b * t * h * d, 0.13), (b, t, h * d), &dev).unwrap();
+            let g = (&o * &wts).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = (&o_ref * &wts)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (got, want) = (
+                    g.get(x.as_tensor()).unwrap(),
+                    g_ref.get(x.as_tensor()).unwrap(),
+                );
+                assert!(
+                    max_diff(got, want) < 1e-5,
+                    "gradient of {name}: {}",
                     max_diff(got, want)
                 );
             }
