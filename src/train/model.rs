@@ -795,14 +795,24 @@ impl CustomOp3 for LoraMatMul {
     }
 }
 
-/// Causal self-attention in one op: `q [b, h, t, d]`, `k`, `v [b, kv, t, d]` (grouped: query
-/// head `i` reads key/value head `i / (h / kv)`) → `softmax(q kᵀ · scale + causal mask) v` laid
-/// out as `[b, t, h·d]`, with its backward to q, k and v written out. The softmax is taken as
-/// torch and candle take it (subtract the row maximum, exponentiate, divide by the sum).
-/// Replaces a dozen small candle ops per layer (the key/value repeat, transposes, two batched
-/// matmuls, scale, mask, softmax) and their gradient buffers.
-struct CausalAttention {
+/// Causal self-attention in one op, from the projections to the output projection's input:
+/// `q [b·t, h·d]`, `k`, `v [b·t, kv·d]` (grouped: query head `i` reads key/value head
+/// `i / (h / kv)`); RoPE on q and k (`x·cos + rotate_half(x)·sin`, as the model's candle ops
+/// compute it), then `softmax(q kᵀ · scale + causal mask) v` as `[b·t, h·d]`, with the backward
+/// to q, k and v written out. The softmax is taken as torch and candle take it (subtract the row
+/// maximum, exponentiate, divide by the sum). Replaces some forty small candle ops per layer
+/// (reshapes and transposes, RoPE, the key/value repeat, two batched matmuls, scale, mask,
+/// softmax) and their gradient buffers.
+struct RopeAttention {
     scale: f32,
+    /// Batch rows and positions (`b·t` rows in).
+    b: usize,
+    t: usize,
+    h: usize,
+    kv: usize,
+    /// `[t, d]` tables.
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
 }
 
 /// `Σ a_i b_i` over equal-length slices, eight partial sums (vectorizes).
@@ -829,32 +839,87 @@ fn axpy(c: f32, x: &[f32], out: &mut [f32]) {
     }
 }
 
-struct AttnDims {
-    h: usize,
-    kv: usize,
-    t: usize,
-    d: usize,
-}
+impl RopeAttention {
+    fn d(&self, width: usize, heads: usize) -> candle_core::Result<usize> {
+        if heads == 0 || !width.is_multiple_of(heads) {
+            candle_core::bail!("rope-attention: {width} values do not split into {heads} heads");
+        }
+        Ok(width / heads)
+    }
 
-impl CausalAttention {
+    /// Token-major `[b·t, heads·d]` → head-major `[b, heads, t, d]`, RoPE applied if `rope`.
+    fn to_heads(&self, x: &[f32], heads: usize, d: usize, rope: bool) -> Vec<f32> {
+        let (t, half) = (self.t, d / 2);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(t * d).enumerate().for_each(|(bh, o)| {
+            let (bi, hh) = (bh / heads, bh % heads);
+            for i in 0..t {
+                let xs = &x[(bi * t + i) * heads * d + hh * d..][..d];
+                let os = &mut o[i * d..(i + 1) * d];
+                if !rope {
+                    os.copy_from_slice(xs);
+                    continue;
+                }
+                let (c, s) = (&self.cos[i * d..(i + 1) * d], &self.sin[i * d..(i + 1) * d]);
+                for j in 0..d {
+                    let rot = if j < half {
+                        -xs[j + half]
+                    } else {
+                        xs[j - half]
+                    };
+                    os[j] = xs[j] * c[j] + rot * s[j];
+                }
+            }
+        });
+        out
+    }
+
+    /// Head-major gradients `[b, heads, t, d]` → token-major `[b·t, heads·d]`, through RoPE's
+    /// backward if `rope` (`g·cos + rotate_halfᵀ(g·sin)`).
+    fn heads_back(&self, g: &[f32], heads: usize, d: usize, rope: bool) -> Vec<f32> {
+        let (t, half) = (self.t, d / 2);
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(heads * d)
+            .enumerate()
+            .for_each(|(row, o)| {
+                let (bi, i) = (row / t, row % t);
+                for hh in 0..heads {
+                    let gs = &g[((bi * heads + hh) * t + i) * d..][..d];
+                    let os = &mut o[hh * d..(hh + 1) * d];
+                    if !rope {
+                        os.copy_from_slice(gs);
+                        continue;
+                    }
+                    let (c, s) = (&self.cos[i * d..(i + 1) * d], &self.sin[i * d..(i + 1) * d]);
+                    for j in 0..d {
+                        let back = if j < half {
+                            gs[j + half] * s[j + half]
+                        } else {
+                            -(gs[j - half] * s[j - half])
+                        };
+                        os[j] = gs[j] * c[j] + back;
+                    }
+                }
+            });
+        out
+    }
+
     /// Row `i` of the attention probabilities of query head `qh` in batch row `bi` (length
-    /// `i + 1`; later positions are masked to 0).
-    #[allow(clippy::too_many_arguments)]
+    /// `i + 1`; later positions are masked to 0), from head-major q and k.
     fn probs(
         &self,
         q: &[f32],
         k: &[f32],
-        a: &AttnDims,
-        bi: usize,
-        qh: usize,
-        i: usize,
+        d: usize,
+        (bi, qh, i): (usize, usize, usize),
         p: &mut Vec<f32>,
     ) {
-        let kh = qh / (a.h / a.kv);
-        let qi = &q[((bi * a.h + qh) * a.t + i) * a.d..][..a.d];
-        let kb = &k[(bi * a.kv + kh) * a.t * a.d..];
+        let (t, h, kv) = (self.t, self.h, self.kv);
+        let kh = qh / (h / kv);
+        let qi = &q[((bi * h + qh) * t + i) * d..][..d];
+        let kb = &k[(bi * kv + kh) * t * d..];
         p.clear();
-        p.extend((0..=i).map(|j| dot(qi, &kb[j * a.d..(j + 1) * a.d]) * self.scale));
+        p.extend((0..=i).map(|j| dot(qi, &kb[j * d..(j + 1) * d]) * self.scale));
         let m = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         let mut sum = 0f32;
         for x in p.iter_mut() {
@@ -865,11 +930,26 @@ impl CausalAttention {
             *x /= sum;
         }
     }
+
+    fn check(&self, n: usize, hw: usize, kw: usize, vw: usize) -> candle_core::Result<usize> {
+        let d = self.d(hw, self.h)?;
+        if n != self.b * self.t
+            || self.kv == 0
+            || !self.h.is_multiple_of(self.kv)
+            || kw != self.kv * d
+            || vw != kw
+            || self.cos.len() != self.t * d
+            || self.sin.len() != self.t * d
+        {
+            candle_core::bail!("rope-attention: shapes do not match");
+        }
+        Ok(d)
+    }
 }
 
-impl CustomOp3 for CausalAttention {
+impl CustomOp3 for RopeAttention {
     fn name(&self) -> &'static str {
-        "causal-attention"
+        "rope-attention"
     }
 
     fn cpu_fwd(
@@ -881,26 +961,24 @@ impl CustomOp3 for CausalAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, h, t, d) = l1.shape().dims4()?;
-        let kv = l2.shape().dims4()?.1;
-        if l2.shape().dims4()? != (b, kv, t, d)
-            || l3.shape().dims4()? != (b, kv, t, d)
-            || kv == 0
-            || h % kv != 0
-        {
-            candle_core::bail!("causal-attention: shapes do not match");
+        let (n, hw) = l1.shape().dims2()?;
+        let (nk, kw) = l2.shape().dims2()?;
+        let (nv, vw) = l3.shape().dims2()?;
+        if nk != n || nv != n {
+            candle_core::bail!("rope-attention: row counts differ");
         }
-        let q = cpu_slice(s1, l1, "attention q")?;
-        let k = cpu_slice(s2, l2, "attention k")?;
-        let v = cpu_slice(s3, l3, "attention v")?;
-        let a = AttnDims { h, kv, t, d };
-        let mut o = vec![0f32; b * t * h * d];
-        // one work item per (batch row, query position): writes row (bi, i) of o
+        let d = self.check(n, hw, kw, vw)?;
+        let (h, kv, t) = (self.h, self.kv, self.t);
+        let q = self.to_heads(cpu_slice(s1, l1, "attention q")?, h, d, true);
+        let k = self.to_heads(cpu_slice(s2, l2, "attention k")?, kv, d, true);
+        let v = self.to_heads(cpu_slice(s3, l3, "attention v")?, kv, d, false);
+        let mut o = vec![0f32; n * h * d];
+        // one work item per (batch row, position): writes row (bi, i) of o
         o.par_chunks_mut(h * d).enumerate().for_each(|(row, orow)| {
             let (bi, i) = (row / t, row % t);
             let mut p = Vec::with_capacity(t);
             for qh in 0..h {
-                self.probs(q, k, &a, bi, qh, i, &mut p);
+                self.probs(&q, &k, d, (bi, qh, i), &mut p);
                 let vb = &v[(bi * kv + qh / (h / kv)) * t * d..];
                 let out = &mut orow[qh * d..(qh + 1) * d];
                 for (j, &pj) in p.iter().enumerate() {
@@ -908,7 +986,7 @@ impl CustomOp3 for CausalAttention {
                 }
             }
         });
-        Ok((CpuStorage::F32(o), Shape::from((b, t, h * d))))
+        Ok((CpuStorage::F32(o), Shape::from((n, h * d))))
     }
 
     fn bwd(
@@ -919,9 +997,9 @@ impl CustomOp3 for CausalAttention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, h, t, d) = q.dims4()?;
-        let kv = k.dim(1)?;
-        let a = AttnDims { h, kv, t, d };
+        let (n, hw) = q.dims2()?;
+        let d = self.check(n, hw, k.dim(1)?, v.dim(1)?)?;
+        let (h, kv, t) = (self.h, self.kv, self.t);
         let (qt, kt, vt, gt) = (
             q.contiguous()?,
             k.contiguous()?,
@@ -932,42 +1010,42 @@ impl CustomOp3 for CausalAttention {
         let (kg, kl) = kt.storage_and_layout();
         let (vg, vl) = vt.storage_and_layout();
         let (gg, gl) = gt.storage_and_layout();
-        let qs = storage_slice(&qg, ql)?;
-        let ks = storage_slice(&kg, kl)?;
-        let vs = storage_slice(&vg, vl)?;
+        let qs = self.to_heads(storage_slice(&qg, ql)?, h, d, true);
+        let ks = self.to_heads(storage_slice(&kg, kl)?, kv, d, true);
+        let vs = self.to_heads(storage_slice(&vg, vl)?, kv, d, false);
         let go = storage_slice(&gg, gl)?;
         let rep = h / kv;
         let head = t * d;
-        let mut gq = vec![0f32; b * h * head];
-        let mut gk = vec![0f32; b * kv * head];
-        let mut gv = vec![0f32; b * kv * head];
+        let mut gq = vec![0f32; qs.len()];
+        let mut gk = vec![0f32; ks.len()];
+        let mut gv = vec![0f32; vs.len()];
         // one work item per (batch row, key/value head): its query heads' ∂q, and ∂k, ∂v
         gq.par_chunks_mut(rep * head)
             .zip(gk.par_chunks_mut(head).zip(gv.par_chunks_mut(head)))
             .enumerate()
             .for_each(|(unit, (gq, (gk, gv)))| {
                 let (bi, kh) = (unit / kv, unit % kv);
-                let kb = &ks[(bi * kv + kh) * head..][..head];
-                let vb = &vs[(bi * kv + kh) * head..][..head];
+                let kb = &ks[unit * head..][..head];
+                let vb = &vs[unit * head..][..head];
                 let mut p = Vec::with_capacity(t);
-                let mut ds = vec![0f32; t];
+                let mut dp = vec![0f32; t];
                 for r in 0..rep {
                     let qh = kh * rep + r;
                     for i in 0..t {
-                        self.probs(qs, ks, &a, bi, qh, i, &mut p);
+                        self.probs(&qs, &ks, d, (bi, qh, i), &mut p);
                         let gorow = &go[(bi * t + i) * h * d + qh * d..][..d];
                         // ∂v_j += p_j ∂o_i; ∂p_j = ∂o_i · v_j
                         let mut pdp = 0f32;
                         for (j, &pj) in p.iter().enumerate() {
                             axpy(pj, gorow, &mut gv[j * d..(j + 1) * d]);
-                            ds[j] = dot(gorow, &vb[j * d..(j + 1) * d]);
-                            pdp += pj * ds[j];
+                            dp[j] = dot(gorow, &vb[j * d..(j + 1) * d]);
+                            pdp += pj * dp[j];
                         }
                         // ∂s_j = p_j (∂p_j − Σ p ∂p); ∂q_i += scale Σ ∂s_j k_j; ∂k_j += scale ∂s_j q_i
                         let qi = &qs[((bi * h + qh) * t + i) * d..][..d];
                         let gqi = &mut gq[(r * t + i) * d..(r * t + i + 1) * d];
                         for (j, &pj) in p.iter().enumerate() {
-                            let g = pj * (ds[j] - pdp) * self.scale;
+                            let g = pj * (dp[j] - pdp) * self.scale;
                             axpy(g, &kb[j * d..(j + 1) * d], gqi);
                             axpy(g, qi, &mut gk[j * d..(j + 1) * d]);
                         }
@@ -976,9 +1054,21 @@ impl CustomOp3 for CausalAttention {
             });
         let dev = qt.device();
         Ok((
-            Some(Tensor::from_vec(gq, (b, h, t, d), dev)?),
-            Some(Tensor::from_vec(gk, (b, kv, t, d), dev)?),
-            Some(Tensor::from_vec(gv, (b, kv, t, d), dev)?),
+            Some(Tensor::from_vec(
+                self.heads_back(&gq, h, d, true),
+                (n, h * d),
+                dev,
+            )?),
+            Some(Tensor::from_vec(
+                self.heads_back(&gk, kv, d, true),
+                (n, kv * d),
+                dev,
+            )?),
+            Some(Tensor::from_vec(
+                self.heads_back(&gv, kv, d, false),
+                (n, kv * d),
+                dev,
+            )?),
         ))
     }
 }
@@ -1270,7 +1360,8 @@ impl Model {
     }
 
     /// cos, sin `[t, head_dim]` for positions 0..t (HF: emb = cat(freqs, freqs)).
-    fn rope_tables(&self, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    /// RoPE's `[t, head_dim]` cos and sin tables.
+    fn rope_vecs(&self, t: usize) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(t * half * 2);
         let mut sin = Vec::with_capacity(t * half * 2);
@@ -1281,10 +1372,7 @@ impl Model {
                 sin.extend(freqs.iter().map(|x| x.sin()));
             }
         }
-        Ok((
-            Tensor::from_vec(cos, (t, half * 2), &self.device)?,
-            Tensor::from_vec(sin, (t, half * 2), &self.device)?,
-        ))
+        (cos, sin)
     }
 
     /// `x [b, h, t, d]`: x·cos + rotate_half(x)·sin.
@@ -1307,7 +1395,12 @@ impl Model {
         let n = b * t;
         let (h, kv, hd) = (self.n_heads, self.n_kv, self.head_dim);
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [n, hidden]
-        let (cos, sin) = self.rope_tables(t)?;
+        let (cos_v, sin_v) = self.rope_vecs(t);
+        let (cos, sin) = (
+            Tensor::from_slice(&cos_v, (t, cos_v.len() / t.max(1)), &self.device)?,
+            Tensor::from_slice(&sin_v, (t, sin_v.len() / t.max(1)), &self.device)?,
+        );
+        let (cos_v, sin_v) = (Arc::new(cos_v), Arc::new(sin_v));
         let mask: Vec<f32> = (0..t * t)
             .map(|i| {
                 if i % t > i / t {
@@ -1326,20 +1419,24 @@ impl Model {
             let q = p[0].forward(&xn, module, dropout)?;
             let k = p[1].forward(&xn, module + 1, dropout)?;
             let v = p[2].forward(&xn, module + 2, dropout)?;
-            let q = q.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = v.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
-            let q = Self::apply_rope(&q, &cos, &sin)?;
-            let k = Self::apply_rope(&k, &cos, &sin)?;
             let o = if self.device.is_cpu() {
-                // [b, t, h·hd] straight from the fused op
-                let op = CausalAttention {
+                let op = RopeAttention {
                     scale: scale as f32,
+                    b,
+                    t,
+                    h,
+                    kv,
+                    cos: cos_v.clone(),
+                    sin: sin_v.clone(),
                 };
                 q.contiguous()?
-                    .apply_op3(&k.contiguous()?, &v, op)?
-                    .reshape((n, h * hd))?
+                    .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?
             } else {
+                let q = q.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?;
+                let k = k.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
+                let v = v.reshape((b, t, kv, hd))?.transpose(1, 2)?.contiguous()?;
+                let q = Self::apply_rope(&q, &cos, &sin)?;
+                let k = Self::apply_rope(&k, &cos, &sin)?;
                 let (k, v) = if h != kv {
                     let rep = h / kv;
                     let e = |x: &Tensor| {
@@ -1853,24 +1950,55 @@ mod tests {
     fn fused_attention_has_the_values_and_gradients_of_its_composition() {
         let dev = Device::Cpu;
         for (b, h, kv, t, d) in [(2, 6, 2, 7, 12), (1, 3, 3, 9, 16)] {
+            let n = b * t;
             let seq = |k: usize, f: f32| -> Vec<f32> {
                 (0..k).map(|i| ((i as f32) * f).sin() * 0.8).collect()
             };
-            let q = Var::from_vec(seq(b * h * t * d, 0.37), (b, h, t, d), &dev).unwrap();
-            let k = Var::from_vec(seq(b * kv * t * d, 0.53), (b, kv, t, d), &dev).unwrap();
-            let v = Var::from_vec(seq(b * kv * t * d, 0.71), (b, kv, t, d), &dev).unwrap();
+            // RoPE tables as the model makes them
+            let half = d / 2;
+            let (mut cos, mut sin) = (vec![], vec![]);
+            for pos in 0..t {
+                for _ in 0..2 {
+                    for f in 0..half {
+                        let a = pos as f32 * (1.0 / 10000f32.powf(2.0 * f as f32 / d as f32));
+                        cos.push(a.cos());
+                        sin.push(a.sin());
+                    }
+                }
+            }
+            let q = Var::from_vec(seq(n * h * d, 0.37), (n, h * d), &dev).unwrap();
+            let k = Var::from_vec(seq(n * kv * d, 0.53), (n, kv * d), &dev).unwrap();
+            let v = Var::from_vec(seq(n * kv * d, 0.71), (n, kv * d), &dev).unwrap();
             let scale = 1.0 / (d as f64).sqrt();
+            let op = RopeAttention {
+                scale: scale as f32,
+                b,
+                t,
+                h,
+                kv,
+                cos: Arc::new(cos.clone()),
+                sin: Arc::new(sin.clone()),
+            };
             let o = q
                 .as_tensor()
-                .apply_op3(
-                    k.as_tensor(),
-                    v.as_tensor(),
-                    CausalAttention {
-                        scale: scale as f32,
-                    },
-                )
+                .apply_op3(k.as_tensor(), v.as_tensor(), op)
                 .unwrap();
-            // the composition the model used before: repeat k/v, q kᵀ · scale + mask, softmax, · v
+            // the composition the model uses off the CPU
+            let (ct, st) = (
+                Tensor::from_vec(cos, (t, d), &dev).unwrap(),
+                Tensor::from_vec(sin, (t, d), &dev).unwrap(),
+            );
+            let heads = |x: &Tensor, nh: usize| {
+                x.reshape((b, t, nh, d))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            let qr = Model::apply_rope(&heads(q.as_tensor(), h), &ct, &st).unwrap();
+            let kr = Model::apply_rope(&heads(k.as_tensor(), kv), &ct, &st).unwrap();
+            let vh = heads(v.as_tensor(), kv);
             let rep = h / kv;
             let e = |x: &Tensor| {
                 x.unsqueeze(2)
@@ -1890,10 +2018,8 @@ mod tests {
                 })
                 .collect();
             let mask = Tensor::from_vec(mask, (t, t), &dev).unwrap();
-            let (kr, vr) = (e(k.as_tensor()), e(v.as_tensor()));
-            let att = (q
-                .as_tensor()
-                .matmul(&kr.t().unwrap().contiguous().unwrap())
+            let att = (qr
+                .matmul(&e(&kr).t().unwrap().contiguous().unwrap())
                 .unwrap()
                 * scale)
                 .unwrap()
@@ -1901,18 +2027,18 @@ mod tests {
                 .unwrap();
             let att = candle_nn::ops::softmax(&att, D::Minus1).unwrap();
             let o_ref = att
-                .matmul(&vr)
+                .matmul(&e(&vh))
                 .unwrap()
                 .transpose(1, 2)
                 .unwrap()
-                .reshape((b, t, h * d))
+                .reshape((n, h * d))
                 .unwrap();
             assert!(
                 max_diff(&o, &o_ref) < 1e-5,
                 "forward {}",
                 max_diff(&o, &o_ref)
             );
-            let wts = Tensor::from_vec(seq(b * t * h * d, 0.13), (b, t, h * d), &dev).unwrap();
+            let wts = Tensor::from_vec(seq(n * h * d, 0.13), (n, h * d), &dev).unwrap();
             let g = (&o * &wts).unwrap().sum_all().unwrap().backward().unwrap();
             let g_ref = (&o_ref * &wts)
                 .unwrap()
