@@ -14,7 +14,9 @@ use crate::checkpoint::HfCheckpoint;
 use crate::checkpoint::config::ModelConfig;
 use crate::quant::nf4;
 use anyhow::{Context, Result, anyhow, bail};
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, D, Device, Layout, Shape, Tensor, Var};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Device, Layout, Shape, Tensor, Var,
+};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -1073,6 +1075,82 @@ impl CustomOp3 for RopeAttention {
     }
 }
 
+/// `silu(g) · u` in one op (`silu(x) = x / (1 + e^−x)`), with the backward as candle writes
+/// it: `∂u = ∂y · silu(g)`, `∂g = (∂y · u) · (σ(g) (1 − silu(g)) + silu(g))`.
+struct SwiGlu;
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("swiglu: shapes differ");
+        }
+        let g = cpu_slice(s1, l1, "swiglu gate")?;
+        let u = cpu_slice(s2, l2, "swiglu up")?;
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(1 << 14)
+            .zip(g.par_chunks(1 << 14).zip(u.par_chunks(1 << 14)))
+            .for_each(|(y, (g, u))| {
+                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                    *y = silu(*g) * u;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gt, ut, dt) = (g.contiguous()?, u.contiguous()?, grad.contiguous()?);
+        let (gg, gl) = gt.storage_and_layout();
+        let (ug, ul) = ut.storage_and_layout();
+        let (dg, dl) = dt.storage_and_layout();
+        let (gs, us, dy) = (
+            storage_slice(&gg, gl)?,
+            storage_slice(&ug, ul)?,
+            storage_slice(&dg, dl)?,
+        );
+        let mut d_g = vec![0f32; gs.len()];
+        let mut d_u = vec![0f32; gs.len()];
+        const CH: usize = 1 << 14;
+        d_g.par_chunks_mut(CH)
+            .zip(d_u.par_chunks_mut(CH))
+            .enumerate()
+            .for_each(|(c, (d_g, d_u))| {
+                let o = c * CH;
+                for (k, (d_g, d_u)) in d_g.iter_mut().zip(d_u.iter_mut()).enumerate() {
+                    let (x, y) = (gs[o + k], dy[o + k]);
+                    let sx = silu(x);
+                    let sig = ((-x).exp() + 1.0).recip();
+                    *d_u = y * sx;
+                    *d_g = (y * us[o + k]) * (sig * (1.0 - sx) + sx);
+                }
+            });
+        let dev = gt.device();
+        Ok((
+            Some(Tensor::from_vec(d_g, gt.shape(), dev)?),
+            Some(Tensor::from_vec(d_u, ut.shape(), dev)?),
+        ))
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // The model
 
@@ -1458,7 +1536,12 @@ impl Model {
             let xn = self.rms_norm(&x, &layer.post_norm)?;
             let g = p[4].forward(&xn, module + 4, dropout)?;
             let u = p[5].forward(&xn, module + 5, dropout)?;
-            let m = p[6].forward(&(g.silu()? * u)?, module + 6, dropout)?;
+            let act = if self.device.is_cpu() {
+                g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)?
+            } else {
+                (g.silu()? * u)?
+            };
+            let m = p[6].forward(&act, module + 6, dropout)?;
             x = (x + m)?;
             module += 7;
         }
@@ -2057,6 +2140,33 @@ mod tests {
                     max_diff(got, want)
                 );
             }
+        }
+    }
+
+    #[test]
+    fn fused_swiglu_has_the_values_and_gradients_of_its_composition() {
+        let dev = Device::Cpu;
+        let n = 5 * 37;
+        let seq = |f: f32| -> Vec<f32> { (0..n).map(|i| ((i as f32) * f).sin() * 6.0).collect() };
+        let g = Var::from_vec(seq(0.37), (5, 37), &dev).unwrap();
+        let u = Var::from_vec(seq(0.53), (5, 37), &dev).unwrap();
+        let y = g.as_tensor().apply_op2(u.as_tensor(), SwiGlu).unwrap();
+        let y_ref = (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap();
+        assert_eq!(max_diff(&y, &y_ref), 0.0);
+        let wts = Tensor::from_vec(seq(0.11), (5, 37), &dev).unwrap();
+        let gr = (&y * &wts).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr_ref = (&y_ref * &wts)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, x) in [("gate", &g), ("up", &u)] {
+            let d = max_diff(
+                gr.get(x.as_tensor()).unwrap(),
+                gr_ref.get(x.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-6, "gradient of {name}: {d}");
         }
     }
 
