@@ -133,26 +133,11 @@ impl Nf4Weight {
             with_tile(self, &absmax, r0, nt, |w| {
                 // y[:, r0..r0+nt] = x · w_tileᵀ
                 sgemm(
-                    Dims {
-                        m: n,
-                        n: nt,
-                        k: self.inp,
-                    },
-                    Mat {
-                        data: &mut y[r0..],
-                        rs: self.out,
-                    },
+                    dims(n, nt, self.inp),
+                    mat(&mut y[r0..], self.out),
                     false,
-                    View {
-                        data: x,
-                        rs: self.inp,
-                        cs: 1,
-                    },
-                    View {
-                        data: w,
-                        rs: 1,
-                        cs: self.inp,
-                    },
+                    view(x, self.inp, 1),
+                    view(w, 1, self.inp),
                 )
             });
             r0 += nt;
@@ -169,26 +154,11 @@ impl Nf4Weight {
             with_tile(self, &absmax, r0, nt, |w| {
                 // gx (+)= g[:, r0..r0+nt] · w_tile
                 sgemm(
-                    Dims {
-                        m: n,
-                        n: self.inp,
-                        k: nt,
-                    },
-                    Mat {
-                        data: gx,
-                        rs: self.inp,
-                    },
+                    dims(n, self.inp, nt),
+                    mat(gx, self.inp),
                     accumulate || r0 > 0,
-                    View {
-                        data: &g[r0..],
-                        rs: self.out,
-                        cs: 1,
-                    },
-                    View {
-                        data: w,
-                        rs: self.inp,
-                        cs: 1,
-                    },
+                    view(&g[r0..], self.out, 1),
+                    view(w, self.inp, 1),
                 )
             });
             r0 += nt;
@@ -248,6 +218,18 @@ struct View<'a> {
     data: &'a [f32],
     rs: usize,
     cs: usize,
+}
+
+fn dims(m: usize, n: usize, k: usize) -> Dims {
+    Dims { m, n, k }
+}
+
+fn mat(data: &mut [f32], rs: usize) -> Mat<'_> {
+    Mat { data, rs }
+}
+
+fn view(data: &[f32], rs: usize, cs: usize) -> View<'_> {
+    View { data, rs, cs }
 }
 
 /// `dst (+)= lhs · rhs` with the gemm crate (candle's own CPU matmul kernel) on the rayon
@@ -352,23 +334,11 @@ impl Frozen {
                 let out = w.dim(0)?;
                 with_cpu_f32(w, |w| {
                     sgemm(
-                        Dims {
-                            m: n,
-                            n: out,
-                            k: inp,
-                        },
-                        Mat { data: y, rs: out },
+                        dims(n, out, inp),
+                        mat(y, out),
                         false,
-                        View {
-                            data: x,
-                            rs: inp,
-                            cs: 1,
-                        },
-                        View {
-                            data: w,
-                            rs: 1,
-                            cs: inp,
-                        },
+                        view(x, inp, 1),
+                        view(w, 1, inp),
                     )
                 })
             }
@@ -393,23 +363,11 @@ impl Frozen {
                 let inp = w.dim(1)?;
                 with_cpu_f32(w, |w| {
                     sgemm(
-                        Dims {
-                            m: n,
-                            n: inp,
-                            k: out,
-                        },
-                        Mat { data: gx, rs: inp },
+                        dims(n, inp, out),
+                        mat(gx, inp),
                         accumulate,
-                        View {
-                            data: g,
-                            rs: out,
-                            cs: 1,
-                        },
-                        View {
-                            data: w,
-                            rs: inp,
-                            cs: 1,
-                        },
+                        view(g, out, 1),
+                        view(w, inp, 1),
                     )
                 })
             }
@@ -594,22 +552,11 @@ impl LoraMatMul {
 fn lora_down(xd: &[f32], a: &[f32], n: usize, inp: usize, r: usize) -> Vec<f32> {
     let mut t = vec![0f32; n * r];
     sgemm(
-        Dims { m: n, n: r, k: inp },
-        Mat {
-            data: &mut t,
-            rs: r,
-        },
+        dims(n, r, inp),
+        mat(&mut t, r),
         false,
-        View {
-            data: xd,
-            rs: inp,
-            cs: 1,
-        },
-        View {
-            data: a,
-            rs: 1,
-            cs: inp,
-        },
+        view(xd, inp, 1),
+        view(a, 1, inp),
     );
     t
 }
@@ -640,22 +587,11 @@ impl CustomOp3 for LoraMatMul {
         let t = lora_down(&self.dropped(x), a, n, inp, r);
         let mut u = vec![0f32; n * out];
         sgemm(
-            Dims { m: n, n: out, k: r },
-            Mat {
-                data: &mut u,
-                rs: out,
-            },
+            dims(n, out, r),
+            mat(&mut u, out),
             false,
-            View {
-                data: &t,
-                rs: r,
-                cs: 1,
-            },
-            View {
-                data: b,
-                rs: 1,
-                cs: r,
-            },
+            view(&t, r, 1),
+            view(b, 1, r),
         );
         let s = self.scale;
         y.par_chunks_mut(1 << 14)
@@ -701,82 +637,38 @@ impl CustomOp3 for LoraMatMul {
         // ∂B = ∂uᵀ t [out, r]
         let mut gb = vec![0f32; out * r];
         sgemm(
-            Dims { m: out, n: r, k: n },
-            Mat {
-                data: &mut gb,
-                rs: r,
-            },
+            dims(out, r, n),
+            mat(&mut gb, r),
             false,
-            View {
-                data: &gu,
-                rs: 1,
-                cs: out,
-            },
-            View {
-                data: &t,
-                rs: r,
-                cs: 1,
-            },
+            view(&gu, 1, out),
+            view(&t, r, 1),
         );
         // ∂t = ∂u B [n, r]
         let mut g_t = vec![0f32; n * r];
         sgemm(
-            Dims { m: n, n: r, k: out },
-            Mat {
-                data: &mut g_t,
-                rs: r,
-            },
+            dims(n, r, out),
+            mat(&mut g_t, r),
             false,
-            View {
-                data: &gu,
-                rs: out,
-                cs: 1,
-            },
-            View {
-                data: b,
-                rs: r,
-                cs: 1,
-            },
+            view(&gu, out, 1),
+            view(b, r, 1),
         );
         // ∂A = ∂tᵀ xd [r, inp]
         let mut ga = vec![0f32; r * inp];
         sgemm(
-            Dims { m: r, n: inp, k: n },
-            Mat {
-                data: &mut ga,
-                rs: inp,
-            },
+            dims(r, inp, n),
+            mat(&mut ga, inp),
             false,
-            View {
-                data: &g_t,
-                rs: 1,
-                cs: r,
-            },
-            View {
-                data: &xd,
-                rs: inp,
-                cs: 1,
-            },
+            view(&g_t, 1, r),
+            view(&xd, inp, 1),
         );
         // ∂x = (∂t A) ⊙ m + ∂y W
         let mut gx = vec![0f32; n * inp];
         sgemm(
-            Dims { m: n, n: inp, k: r },
-            Mat {
-                data: &mut gx,
-                rs: inp,
-            },
+            dims(n, inp, r),
+            mat(&mut gx, inp),
             false,
-            View {
-                data: &g_t,
-                rs: r,
-                cs: 1,
-            },
-            View {
-                data: a,
-                rs: inp,
-                cs: 1,
-            },
+            view(&g_t, r, 1),
+            view(a, inp, 1),
         );
         if let Some(m) = &self.mask {
             gx.par_chunks_mut(1 << 14)
