@@ -1,7 +1,7 @@
 //! Plans for GGUF outputs: an HF checkpoint (convert_hf_to_gguf.py then llama-quantize),
 //! an F32/F16/BF16 GGUF (llama-quantize), or a bare safetensors file (each tensor as-is).
 
-use crate::arch::{self, ConvertedSource};
+use crate::arch::{self, Applied, ConvertedSource};
 use crate::checkpoint::{HfCheckpoint, StFile};
 use crate::gguf::{GgufFile, Metadata, Value};
 use crate::plan::{
@@ -89,20 +89,15 @@ pub fn hf_pending(ck: &HfCheckpoint, hook: Option<RowHook>) -> Result<(Vec<Pendi
     let mut pending = Vec::with_capacity(converted.len());
     for c in converted {
         let mut transforms = vec![];
+        let heads = c.permute_heads();
         let (source, origin, dtype): (Box<dyn RowSource>, String, String) = match c.source {
             ConvertedSource::Tensor(t) => {
-                if let Some(h) = c.permute_heads {
-                    transforms.push(format!("permute rows ({h} heads)"));
-                }
                 let rounding = Rounding::for_stored(c.stored);
                 let src_dtype = crate::checkpoint::safetensors::dtype_name(t.dtype);
                 let exact = matches!(
                     (rounding, src_dtype.as_str()),
                     (Rounding::BF16, "BF16") | (Rounding::F16, "F16")
                 );
-                if rounding != Rounding::None && !exact {
-                    transforms.push(format!("round to {} (converter storage)", c.stored));
-                }
                 let origin = format!(
                     "{}:{}",
                     t.file
@@ -112,33 +107,79 @@ pub fn hf_pending(ck: &HfCheckpoint, hook: Option<RowHook>) -> Result<(Vec<Pendi
                     t.name
                 );
                 let hf_name = t.name.clone();
-                // a hook (LoRA merge) sees the checkpoint's rows in their own order; the Q/K
-                // permutation then applies to its result
+                let src_rounding = Rounding::for_dtype(t.dtype);
+                // a hook (LoRA merge) sees the checkpoint's rows in their own order; the
+                // transforms then apply to its result
                 let mut src: Box<dyn RowSource> = Box::new(SafetensorsRows {
                     tensor: t,
-                    permute_heads: if hook.is_some() {
-                        None
-                    } else {
-                        c.permute_heads
-                    },
+                    permute_heads: if hook.is_some() { None } else { heads },
                     rounding: Rounding::None,
                 });
                 if let Some(hook) = hook {
                     src = hook(&hf_name, src)?;
-                    if let Some(heads) = c.permute_heads {
+                    if let Some(heads) = heads {
                         src = Box::new(Permuted { inner: src, heads });
                     }
                 }
+                if let Some(h) = heads {
+                    transforms.push(format!("permute rows ({h} heads)"));
+                }
+                for tr in &c.transforms {
+                    match *tr {
+                        Applied::Permute(_) => {}
+                        Applied::Add(v) => {
+                            transforms.push(format!("+ {v} (in {src_dtype})"));
+                            src = Box::new(Shifted {
+                                inner: src,
+                                add: v as f32,
+                                rounding: src_rounding,
+                            });
+                        }
+                        Applied::TruncateRows(n) => {
+                            transforms.push(format!("first {n} rows"));
+                            src = Box::new(Truncated {
+                                inner: src,
+                                rows: n,
+                            });
+                        }
+                    }
+                }
+                if rounding != Rounding::None && !exact {
+                    transforms.push(format!("round to {} (converter storage)", c.stored));
+                }
                 // rounding through the storage type happens after any merge
-                let src: Box<dyn RowSource> =
-                    if rounding == Rounding::None || exact && hook.is_none() {
-                        src
-                    } else {
-                        Box::new(Rounded {
-                            inner: src,
-                            rounding,
-                        })
-                    };
+                let plain = hook.is_none()
+                    && c.transforms
+                        .iter()
+                        .all(|t| matches!(t, Applied::Permute(_)));
+                let src: Box<dyn RowSource> = if rounding == Rounding::None || exact && plain {
+                    src
+                } else {
+                    Box::new(Rounded {
+                        inner: src,
+                        rounding,
+                    })
+                };
+                (src, origin, src_dtype)
+            }
+            ConvertedSource::Stacked(parts) => {
+                let src_dtype = crate::checkpoint::safetensors::dtype_name(parts[0].dtype);
+                let origin = format!("{} experts: {} …", parts.len(), parts[0].name);
+                transforms.push(format!("stack {} experts", parts.len()));
+                let rounding = Rounding::for_stored(c.stored);
+                let mut src: Box<dyn RowSource> = Box::new(StackedRows::new(parts, hook)?);
+                if let Some(h) = heads {
+                    src = Box::new(Permuted {
+                        inner: src,
+                        heads: h,
+                    });
+                }
+                if rounding != Rounding::None {
+                    src = Box::new(Rounded {
+                        inner: src,
+                        rounding,
+                    });
+                }
                 (src, origin, src_dtype)
             }
             ConvertedSource::Generated(v) => {
@@ -161,6 +202,123 @@ pub fn hf_pending(ck: &HfCheckpoint, hook: Option<RowHook>) -> Result<(Vec<Pendi
         });
     }
     Ok((pending, outtype))
+}
+
+/// Experts' tensors read as one tensor stacked along a new first axis.
+pub struct StackedRows {
+    parts: Vec<Box<dyn RowSource>>,
+    rows_each: usize,
+    cols: usize,
+}
+
+impl StackedRows {
+    pub fn new(
+        parts: Vec<crate::checkpoint::TensorRef>,
+        hook: Option<RowHook>,
+    ) -> Result<StackedRows> {
+        let rows_each = parts[0].rows();
+        let cols = parts[0].cols();
+        let parts = parts
+            .into_iter()
+            .map(|t| {
+                let name = t.name.clone();
+                let src: Box<dyn RowSource> = Box::new(SafetensorsRows {
+                    tensor: t,
+                    permute_heads: None,
+                    rounding: Rounding::None,
+                });
+                match hook {
+                    Some(h) => h(&name, src),
+                    None => Ok(src),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(StackedRows {
+            parts,
+            rows_each,
+            cols,
+        })
+    }
+}
+
+impl RowSource for StackedRows {
+    fn rows(&self) -> usize {
+        self.rows_each * self.parts.len()
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn read_rows(&self, row0: usize, out: &mut [f32]) -> Result<()> {
+        let mut r = row0;
+        let mut done = 0;
+        let n = out.len() / self.cols;
+        while done < n {
+            let (p, i) = (r / self.rows_each, r % self.rows_each);
+            let k = (self.rows_each - i).min(n - done);
+            self.parts[p].read_rows(i, &mut out[done * self.cols..(done + k) * self.cols])?;
+            done += k;
+            r += k;
+        }
+        Ok(())
+    }
+    fn release(&self) {
+        self.parts.iter().for_each(|p| p.release())
+    }
+}
+
+/// Another source's values plus a constant, computed in the source's own dtype (torch's
+/// `data_torch + 1` on a bf16 tensor gives bf16).
+pub struct Shifted {
+    pub inner: Box<dyn RowSource>,
+    pub add: f32,
+    pub rounding: Rounding,
+}
+
+impl RowSource for Shifted {
+    fn rows(&self) -> usize {
+        self.inner.rows()
+    }
+    fn cols(&self) -> usize {
+        self.inner.cols()
+    }
+    fn read_rows(&self, row0: usize, out: &mut [f32]) -> Result<()> {
+        self.inner.read_rows(row0, out)?;
+        for x in out.iter_mut() {
+            *x += self.add;
+        }
+        self.rounding.apply(out);
+        Ok(())
+    }
+    fn release(&self) {
+        self.inner.release()
+    }
+    fn prefers_batches(&self) -> bool {
+        self.inner.prefers_batches()
+    }
+}
+
+/// The first `rows` rows of another source.
+pub struct Truncated {
+    pub inner: Box<dyn RowSource>,
+    pub rows: usize,
+}
+
+impl RowSource for Truncated {
+    fn rows(&self) -> usize {
+        self.rows.min(self.inner.rows())
+    }
+    fn cols(&self) -> usize {
+        self.inner.cols()
+    }
+    fn read_rows(&self, row0: usize, out: &mut [f32]) -> Result<()> {
+        self.inner.read_rows(row0, out)
+    }
+    fn release(&self) {
+        self.inner.release()
+    }
+    fn prefers_batches(&self) -> bool {
+        self.inner.prefers_batches()
+    }
 }
 
 /// Another source's rows in llama's Q/K order (as `SafetensorsRows::permute_heads`).
@@ -243,14 +401,15 @@ impl RowSource for Rounded {
     }
 }
 
-pub fn model_info(ck: &HfCheckpoint) -> ModelInfo {
-    ModelInfo {
-        arch: ck.config.arch.gguf_arch.clone(),
-        n_layer: ck.config.num_hidden_layers,
-        n_head: ck.config.num_attention_heads,
-        n_head_kv: ck.config.num_key_value_heads,
-        n_expert: 0,
-    }
+pub fn model_info(ck: &HfCheckpoint) -> Result<ModelInfo> {
+    let c = ck.config()?;
+    Ok(ModelInfo {
+        arch: c.arch.gguf_arch.clone(),
+        n_layer: c.num_hidden_layers,
+        n_head: c.num_attention_heads,
+        n_head_kv: c.num_key_value_heads,
+        n_expert: c.n_expert,
+    })
 }
 
 /// HF checkpoint → GGUF plan.
@@ -261,7 +420,7 @@ pub fn plan_hf(ck: &HfCheckpoint, opts: &QuantOptions, hook: Option<RowHook>) ->
     Ok(finish_plan(
         pending,
         md,
-        &model_info(ck),
+        &model_info(ck)?,
         opts,
         ck.data_bytes(),
     ))

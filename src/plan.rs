@@ -42,6 +42,15 @@ impl Rounding {
         }
     }
 
+    /// The rounding that keeps values in a safetensors dtype (F32 and others: none).
+    pub fn for_dtype(d: safetensors::Dtype) -> Rounding {
+        match d {
+            safetensors::Dtype::F16 => Rounding::F16,
+            safetensors::Dtype::BF16 => Rounding::BF16,
+            _ => Rounding::None,
+        }
+    }
+
     pub fn apply(self, x: &mut [f32]) {
         match self {
             Rounding::None => {}

@@ -1,61 +1,128 @@
-//! The llama family (Llama, Mistral, Qwen2) as convert_hf_to_gguf.py converts it: tensor
-//! names (formats/tensor_names.tsv), Q/K row permutation, hyperparameter metadata, the
-//! llama3 `rope_freqs` tensor, and tokenizer metadata (vocab.rs).
+//! Model families as the reference tools see them. Each family is one description in
+//! `formats/arch/` (desc.rs: HF classes and config defaults, canonical hyperparameters, the
+//! tensor map with shapes and transforms, GGUF metadata in the converter's order, tokenizer
+//! path and quirks, state-dict module order); this module applies a description the way
+//! convert_hf_to_gguf.py does: which tensors it writes and how (`converted_tensors`), and the
+//! metadata (`model_metadata`, vocab.rs for the tokenizer keys).
 
+pub mod config;
+pub mod desc;
+pub mod expr;
 pub mod vocab;
 
-use crate::checkpoint::{HfCheckpoint, ModelConfig, TensorRef};
-use crate::gguf::{Metadata, Value};
+pub use config::{ConfigError, ModelConfig, Rope};
+pub use desc::{Architecture, TensorDesc, Transform};
+
+use crate::checkpoint::{HfCheckpoint, TensorRef};
+use crate::gguf::{Array, Metadata, Value};
 use crate::quant::GgmlType;
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
 use serde_json::Value as J;
-use std::sync::OnceLock;
 
-const TENSOR_NAMES: &str = include_str!("../../formats/tensor_names.tsv");
-
-fn name_table() -> &'static Vec<(String, String)> {
-    static T: OnceLock<Vec<(String, String)>> = OnceLock::new();
-    T.get_or_init(|| {
-        TENSOR_NAMES
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .filter_map(|l| l.split_once('\t'))
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
-    })
+/// A tensor name matched against a tensor-map pattern: the entry and its `{N}`/`{E}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapped {
+    /// Index of the entry in `Architecture::tensors`.
+    pub entry: usize,
+    /// GGUF name with suffix (`blk.3.attn_q.weight`).
+    pub gguf: String,
+    pub block: Option<usize>,
+    pub expert: Option<usize>,
+    /// `weight`, `bias`, or None for a bare parameter.
+    pub suffix: Option<String>,
 }
 
-/// Map an HF tensor name to its GGUF name (None when it has no mapping).
-pub fn map_tensor_name(hf: &str, n_layer: usize) -> Option<String> {
-    let (base, suffix) = match hf.rsplit_once('.') {
-        Some((b, s)) if s == "weight" || s == "bias" => (b, Some(s)),
-        _ => (hf, None),
-    };
-    for (pat, out) in name_table() {
-        if let Some((pre, post)) = pat.split_once("{N}") {
-            if let Some(rest) = base.strip_prefix(pre)
-                && let Some(num) = rest.strip_suffix(post)
-                && !num.is_empty()
-                && num.bytes().all(|c| c.is_ascii_digit())
-            {
-                let n: usize = num.parse().ok()?;
-                if n >= n_layer {
+/// Match `name` against a pattern with `{N}`/`{E}` placeholders (each a run of digits).
+fn match_pattern(pattern: &str, name: &str) -> Option<(Option<usize>, Option<usize>)> {
+    let mut rest = name;
+    let mut pat = pattern;
+    let (mut n, mut e) = (None, None);
+    loop {
+        let next = [pat.find("{N}"), pat.find("{E}")]
+            .into_iter()
+            .flatten()
+            .min();
+        let Some(i) = next else {
+            return (rest == pat).then_some((n, e));
+        };
+        let lit = &pat[..i];
+        rest = rest.strip_prefix(lit)?;
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || (digits > 1 && rest.starts_with('0')) {
+            return None;
+        }
+        let v: usize = rest[..digits].parse().ok()?;
+        if &pat[i..i + 3] == "{N}" {
+            n = Some(v);
+        } else {
+            e = Some(v);
+        }
+        rest = &rest[digits..];
+        pat = &pat[i + 3..];
+    }
+}
+
+impl Architecture {
+    /// The GGUF name of an HF tensor (`.weight`/`.bias` kept), or None when the tensor map has
+    /// no entry for it (or its block index is not below `n_layer`).
+    pub fn map_tensor_name(&self, hf: &str, n_layer: usize) -> Option<Mapped> {
+        let (base, suffix) = match hf.rsplit_once('.') {
+            Some((b, s)) if s == "weight" || s == "bias" => (b, Some(s.to_string())),
+            _ => (hf, None),
+        };
+        for (i, t) in self.tensors.iter().enumerate() {
+            if let Some((n, e)) = match_pattern(&t.hf, base) {
+                if n.is_some_and(|n| n >= n_layer) {
                     return None;
                 }
-                let g = out.replace("{N}", num);
-                return Some(match suffix {
-                    Some(s) => format!("{g}.{s}"),
-                    None => g,
+                let mut g = t.gguf.clone();
+                if let Some(n) = n {
+                    g = g.replace("{N}", &n.to_string());
+                }
+                if let Some(s) = &suffix {
+                    g = format!("{g}.{s}");
+                }
+                return Some(Mapped {
+                    entry: i,
+                    gguf: g,
+                    block: n,
+                    expert: e,
+                    suffix,
                 });
             }
-        } else if base == pat {
-            return Some(match suffix {
-                Some(s) => format!("{out}.{s}"),
-                None => out.clone(),
-            });
         }
+        None
     }
-    None
+
+    /// The HF name (without `{E}` expansion) a GGUF name comes from: the inverse of
+    /// `map_tensor_name` for the tensors the map covers.
+    pub fn unmap_tensor_name(&self, gguf: &str) -> Option<String> {
+        let (base, suffix) = match gguf.rsplit_once('.') {
+            Some((b, s)) if s == "weight" || s == "bias" => (b, Some(s)),
+            _ => (gguf, None),
+        };
+        for t in &self.tensors {
+            if let Some((n, _)) = match_pattern(&t.gguf, base) {
+                let mut h = t.hf.clone();
+                if let Some(n) = n {
+                    h = h.replace("{N}", &n.to_string());
+                }
+                return Some(match suffix {
+                    Some(s) => format!("{h}.{s}"),
+                    None => h,
+                });
+            }
+        }
+        None
+    }
+
+    /// Whether the converter drops this tensor.
+    pub fn skips(&self, name: &str) -> bool {
+        name.ends_with(".attention.masked_bias")
+            || name.ends_with(".attention.bias")
+            || name.ends_with(".rotary_emb.inv_freq")
+            || self.skip.iter().any(|s| name.contains(s.as_str()))
+    }
 }
 
 /// Source row for output row `r` of the llama Q/K permutation with `heads` heads over `rows`
@@ -68,23 +135,45 @@ pub fn permuted_source_row(r: usize, rows: usize, heads: usize) -> usize {
     h * hd + (w % 2) * (hd / 2) + w / 2
 }
 
+/// A transform with its parameters evaluated for one tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Applied {
+    /// Q/K permutation with this many heads.
+    Permute(usize),
+    /// Add a constant in the source dtype.
+    Add(f64),
+    /// Keep the first rows.
+    TruncateRows(usize),
+}
+
 /// How one converted tensor is produced from the checkpoint.
 #[derive(Clone, Debug)]
 pub struct ConvertedTensor {
     /// GGUF name.
     pub name: String,
-    /// PyTorch-order shape.
+    /// PyTorch-order shape (after transforms and stacking).
     pub shape: Vec<usize>,
     pub source: ConvertedSource,
-    /// Q/K permutation: heads to permute rows by.
-    pub permute_heads: Option<usize>,
+    pub transforms: Vec<Applied>,
     /// The type convert_hf_to_gguf.py stores it as (F32 for 1-D/norms/biases, else the outtype).
     pub stored: GgmlType,
+}
+
+impl ConvertedTensor {
+    /// Heads of the Q/K permutation, if any.
+    pub fn permute_heads(&self) -> Option<usize> {
+        self.transforms.iter().find_map(|t| match t {
+            Applied::Permute(h) => Some(*h),
+            _ => None,
+        })
+    }
 }
 
 #[derive(Clone, Debug)]
 pub enum ConvertedSource {
     Tensor(TensorRef),
+    /// Experts stacked along a new first axis, in expert order.
+    Stacked(Vec<TensorRef>),
     /// Values generated by the converter (llama3 rope_freqs).
     Generated(Vec<f32>),
 }
@@ -92,7 +181,7 @@ pub enum ConvertedSource {
 /// The GGUF outtype convert_hf_to_gguf.py picks with `--outtype auto`: BF16 if the first
 /// tensor of ≥ 2 dims is bf16, F16 if it is f16, F16 otherwise.
 pub fn auto_outtype(ck: &HfCheckpoint) -> GgmlType {
-    for t in &ck.tensors {
+    for t in ck.converter_order() {
         if t.shape.len() < 2 {
             continue;
         }
@@ -104,107 +193,60 @@ pub fn auto_outtype(ck: &HfCheckpoint) -> GgmlType {
     GgmlType::F16
 }
 
-fn skipped(name: &str) -> bool {
-    name.ends_with(".attention.masked_bias")
-        || name.ends_with(".attention.bias")
-        || name.ends_with(".rotary_emb.inv_freq")
+fn eval_usize(cfg: &ModelConfig, e: &expr::Expr, what: &str) -> Result<usize> {
+    let mut missing = vec![];
+    let v = cfg.eval(e, &[], &mut missing);
+    v.as_u64()
+        .map(|x| x as usize)
+        .ok_or_else(|| match missing.first() {
+            Some(k) => anyhow!(
+                "{}: key {k:?} is missing (needed by {} for {what})",
+                cfg.path.display(),
+                cfg.class.name
+            ),
+            None => anyhow!(
+                "{}: {what} evaluates to {v}, not a size ({})",
+                cfg.path.display(),
+                cfg.class.name
+            ),
+        })
 }
 
-/// Every tensor the converter writes, in the converter's order.
-pub fn converted_tensors(ck: &HfCheckpoint, outtype: GgmlType) -> Result<Vec<ConvertedTensor>> {
-    let cfg = &ck.config;
-    let mut out = Vec::new();
-    if let Some(f) = llama3_rope_freqs(cfg)? {
-        out.push(ConvertedTensor {
-            name: "rope_freqs.weight".into(),
-            shape: vec![f.len()],
-            source: ConvertedSource::Generated(f),
-            permute_heads: None,
-            stored: GgmlType::F32,
-        });
-    }
-    for t in &ck.tensors {
-        if skipped(&t.name) {
-            continue;
-        }
-        let Some(name) = map_tensor_name(&t.name, cfg.num_hidden_layers) else {
-            bail!(
-                "{}: cannot map tensor {:?} to a GGUF name for {}",
-                t.file.display(),
-                t.name,
-                cfg.arch.hf_class
-            );
-        };
-        if !t.is_float() {
-            bail!(
-                "{}: tensor {:?} has dtype {:?}; only F32, F16 and BF16 checkpoints can be converted",
-                t.file.display(),
-                t.name,
-                t.dtype
-            );
-        }
-        let n_dims = t.shape.len();
-        let stored = if n_dims <= 1 || name.ends_with("_norm.weight") || !name.ends_with(".weight")
-        {
-            GgmlType::F32
-        } else {
-            outtype
-        };
-        let mut permute_heads = None;
-        if cfg.arch.permute_qk {
-            if t.name.ends_with("q_proj.weight") || t.name.ends_with("q_proj.bias") {
-                permute_heads = Some(cfg.num_attention_heads);
-            } else if t.name.ends_with("k_proj.weight") || t.name.ends_with("k_proj.bias") {
-                permute_heads = Some(cfg.num_key_value_heads);
-            }
-            if let Some(h) = permute_heads {
-                let rows = t.shape[0];
-                if rows % (2 * h) != 0 {
-                    bail!(
-                        "{}: tensor {:?} has {rows} rows, not divisible into {h} heads of pairs",
-                        t.file.display(),
-                        t.name
-                    );
-                }
-            }
-        }
-        check_shape(cfg, &name, t)?;
-        out.push(ConvertedTensor {
-            name,
-            shape: t.shape.clone(),
-            source: ConvertedSource::Tensor(t.clone()),
-            permute_heads,
-            stored,
-        });
-    }
-    Ok(out)
-}
-
-fn check_shape(cfg: &ModelConfig, name: &str, t: &TensorRef) -> Result<()> {
-    let h = cfg.hidden_size;
-    let q = cfg.num_attention_heads * cfg.head_dim;
-    let kv = cfg.num_key_value_heads * cfg.head_dim;
-    let f = cfg.intermediate_size;
-    let v = cfg.vocab_size;
-    let base = name
-        .split('.')
-        .skip_while(|p| p.chars().all(|c| c.is_ascii_digit()) || *p == "blk")
-        .collect::<Vec<_>>();
-    let kind = base.first().copied().unwrap_or("");
-    let is_bias = name.ends_with(".bias");
-    let expect: Option<Vec<usize>> = match (kind, is_bias) {
-        ("token_embd", false) | ("output", false) => Some(vec![v, h]),
-        ("output_norm", _) | ("attn_norm", _) | ("ffn_norm", _) => Some(vec![h]),
-        ("attn_q", false) => Some(vec![q, h]),
-        ("attn_q", true) => Some(vec![q]),
-        ("attn_k", false) | ("attn_v", false) => Some(vec![kv, h]),
-        ("attn_k", true) | ("attn_v", true) => Some(vec![kv]),
-        ("attn_output", false) => Some(vec![h, q]),
-        ("ffn_gate", false) | ("ffn_up", false) => Some(vec![f, h]),
-        ("ffn_down", false) => Some(vec![h, f]),
-        _ => None,
+/// The expected shape of a mapped tensor (None when the description gives none).
+pub fn expected_shape(cfg: &ModelConfig, m: &Mapped) -> Result<Option<Vec<usize>>> {
+    let t = &cfg.arch.tensors[m.entry];
+    let Some(shape) = &t.shape else {
+        return Ok(None);
     };
-    if let Some(e) = expect
+    let mut s = shape
+        .iter()
+        .map(|d| eval_usize(cfg, d, &format!("the shape of {}", t.hf)))
+        .collect::<Result<Vec<_>>>()?;
+    if m.suffix.as_deref() == Some("bias") {
+        s.truncate(1);
+    }
+    Ok(Some(s))
+}
+
+/// The transforms of a mapped tensor with their parameters.
+pub fn applied_transforms(cfg: &ModelConfig, m: &Mapped) -> Result<Vec<Applied>> {
+    let t = &cfg.arch.tensors[m.entry];
+    t.transforms
+        .iter()
+        .map(|tr| {
+            Ok(match tr {
+                Transform::Permute(e) => Applied::Permute(eval_usize(cfg, e, "a Q/K permutation")?),
+                Transform::Add(c) => Applied::Add(*c),
+                Transform::TruncateRows(e) => {
+                    Applied::TruncateRows(eval_usize(cfg, e, "a row count")?)
+                }
+            })
+        })
+        .collect()
+}
+
+fn check_shape(cfg: &ModelConfig, m: &Mapped, t: &TensorRef) -> Result<()> {
+    if let Some(e) = expected_shape(cfg, m)?
         && t.shape != e
     {
         bail!(
@@ -218,15 +260,149 @@ fn check_shape(cfg: &ModelConfig, name: &str, t: &TensorRef) -> Result<()> {
     Ok(())
 }
 
+fn stored_type(name: &str, n_dims: usize, outtype: GgmlType) -> GgmlType {
+    if n_dims <= 1 || name.ends_with("_norm.weight") || !name.ends_with(".weight") {
+        GgmlType::F32
+    } else {
+        outtype
+    }
+}
+
+/// Every tensor the converter writes, in the converter's order.
+pub fn converted_tensors(ck: &HfCheckpoint, outtype: GgmlType) -> Result<Vec<ConvertedTensor>> {
+    let cfg = ck.config()?;
+    let arch = cfg.arch;
+    let mut out = Vec::new();
+    for x in &arch.extra_tensors {
+        if let Some(w) = &x.when
+            && !expr::truthy(&cfg.eval(w, &[], &mut vec![]))
+        {
+            continue;
+        }
+        let v = generate(cfg, &x.generator)?;
+        out.push(ConvertedTensor {
+            name: x.name.clone(),
+            shape: vec![v.len()],
+            source: ConvertedSource::Generated(v),
+            transforms: vec![],
+            stored: GgmlType::F32,
+        });
+    }
+    // experts waiting for the rest of their layer: (entry, block, suffix) → experts
+    let mut pending: std::collections::HashMap<
+        (usize, Option<usize>, Option<String>),
+        Vec<Option<TensorRef>>,
+    > = Default::default();
+    for t in ck.converter_order() {
+        if arch.skips(&t.name) {
+            continue;
+        }
+        let Some(m) = arch.map_tensor_name(&ck.text_name(&t.name), cfg.num_hidden_layers) else {
+            if ck.outside_text_model(&t.name) {
+                continue;
+            }
+            bail!(
+                "{}: cannot map tensor {:?} to a GGUF name for {}",
+                t.file.display(),
+                t.name,
+                cfg.class.name
+            );
+        };
+        if !t.is_float() {
+            bail!(
+                "{}: tensor {:?} has dtype {:?}; only F32, F16 and BF16 checkpoints can be converted",
+                t.file.display(),
+                t.name,
+                t.dtype
+            );
+        }
+        check_shape(cfg, &m, t)?;
+        let transforms = applied_transforms(cfg, &m)?;
+        for tr in &transforms {
+            if let Applied::Permute(h) = tr {
+                let rows = t.shape[0];
+                if rows % (2 * h) != 0 {
+                    bail!(
+                        "{}: tensor {:?} has {rows} rows, not divisible into {h} heads of pairs",
+                        t.file.display(),
+                        t.name
+                    );
+                }
+            }
+        }
+        let mut shape = t.shape.clone();
+        for tr in &transforms {
+            if let Applied::TruncateRows(n) = tr {
+                shape[0] = (*n).min(shape[0]);
+            }
+        }
+        let desc = &arch.tensors[m.entry];
+        if let (Some(stack), Some(e)) = (&desc.stack, m.expert) {
+            let n_expert = eval_usize(cfg, stack, "the expert count")?;
+            if e >= n_expert {
+                bail!(
+                    "{}: tensor {:?} is expert {e}, but the config has {n_expert} experts",
+                    t.file.display(),
+                    t.name
+                );
+            }
+            let slot = pending
+                .entry((m.entry, m.block, m.suffix.clone()))
+                .or_insert_with(|| vec![None; n_expert]);
+            slot[e] = Some(t.clone());
+            if slot.iter().all(Option::is_some) {
+                let parts: Vec<TensorRef> = pending
+                    .remove(&(m.entry, m.block, m.suffix.clone()))
+                    .unwrap()
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                let mut shape = vec![n_expert];
+                shape.extend_from_slice(&t.shape);
+                out.push(ConvertedTensor {
+                    stored: stored_type(&m.gguf, shape.len(), outtype),
+                    name: m.gguf,
+                    shape,
+                    source: ConvertedSource::Stacked(parts),
+                    transforms,
+                });
+            }
+            continue;
+        }
+        out.push(ConvertedTensor {
+            stored: stored_type(&m.gguf, t.shape.len(), outtype),
+            name: m.gguf,
+            shape,
+            source: ConvertedSource::Tensor(t.clone()),
+            transforms,
+        });
+    }
+    if let Some(((entry, block, _), v)) = pending.into_iter().next() {
+        let missing = v.iter().position(Option::is_none).unwrap_or(0);
+        bail!(
+            "{}: expert {missing} of {} (block {}) is missing",
+            ck.dir.display(),
+            arch.tensors[entry].hf,
+            block.map(|b| b.to_string()).unwrap_or_default()
+        );
+    }
+    Ok(out)
+}
+
+/// A generated tensor by the description's generator name.
+fn generate(cfg: &ModelConfig, generator: &str) -> Result<Vec<f32>> {
+    match generator {
+        "llama3_rope_freqs" => Ok(llama3_rope_freqs(cfg)),
+        other => bail!(
+            "internal: formats/arch/{}.json names an unknown generator {other:?}",
+            cfg.arch.family
+        ),
+    }
+}
+
 /// llama3 RoPE frequency factors (LlamaModel.generate_extra_tensors), computed in f32 like
 /// the converter's torch code.
-pub fn llama3_rope_freqs(cfg: &ModelConfig) -> Result<Option<Vec<f32>>> {
-    let Some(t) = cfg.rope.rope_type.as_deref() else {
-        return Ok(None);
-    };
-    if !t.eq_ignore_ascii_case("llama3") || !cfg.arch.permute_qk {
-        return Ok(None);
-    }
+pub fn llama3_rope_freqs(cfg: &ModelConfig) -> Vec<f32> {
     let base = cfg.rope.theta.unwrap_or(10000.0) as f32;
     let dim = cfg.head_dim;
     let factor = cfg.rope.get_f64("factor").unwrap_or(8.0);
@@ -254,105 +430,123 @@ pub fn llama3_rope_freqs(cfg: &ModelConfig) -> Result<Option<Vec<f32>>> {
         };
         out.push(v);
     }
-    Ok(Some(out))
+    out
 }
 
-fn hparam_u32(v: usize) -> Value {
-    Value::U32(v as u32)
+/// A description's metadata value as a GGUF value of its declared type.
+fn meta_value(v: &J, ty: desc::MetaType) -> Option<Value> {
+    use desc::MetaType as M;
+    let arr = || v.as_array();
+    Some(match ty {
+        M::U32 => Value::U32(u32::try_from(v.as_u64()?).ok()?),
+        M::I32 => Value::I32(i32::try_from(v.as_i64()?).ok()?),
+        M::U64 => Value::U64(v.as_u64()?),
+        M::F32 => Value::F32(v.as_f64()? as f32),
+        M::F64 => Value::F64(v.as_f64()?),
+        M::Bool => Value::Bool(v.as_bool()?),
+        M::Str => Value::Str(v.as_str()?.to_string()),
+        M::U32Array => Value::Array(Array::U32(
+            arr()?
+                .iter()
+                .map(|x| x.as_u64().and_then(|u| u32::try_from(u).ok()))
+                .collect::<Option<_>>()?,
+        )),
+        M::I32Array => Value::Array(Array::I32(
+            arr()?
+                .iter()
+                .map(|x| x.as_i64().and_then(|u| i32::try_from(u).ok()))
+                .collect::<Option<_>>()?,
+        )),
+        M::F32Array => Value::Array(Array::F32(
+            arr()?
+                .iter()
+                .map(|x| x.as_f64().map(|f| f as f32))
+                .collect::<Option<_>>()?,
+        )),
+        M::BoolArray => Value::Array(Array::Bool(
+            arr()?.iter().map(J::as_bool).collect::<Option<_>>()?,
+        )),
+        M::StrArray => Value::Array(Array::Str(
+            arr()?
+                .iter()
+                .map(|x| x.as_str().map(str::to_string))
+                .collect::<Option<_>>()?,
+        )),
+    })
+}
+
+/// The description's metadata steps for `cfg` (the converter's `set_gguf_parameters`).
+pub fn architecture_metadata(
+    cfg: &ModelConfig,
+    outtype: GgmlType,
+    md: &mut Metadata,
+) -> Result<()> {
+    let arch = cfg.arch.gguf_arch.as_str();
+    let extra = [("file_type", J::from(ftype_of_outtype(outtype)))];
+    for step in &cfg.arch.metadata {
+        let desc::MetaStep::Key {
+            key,
+            ty,
+            value,
+            when,
+            optional,
+        } = step;
+        if let Some(w) = when
+            && !expr::truthy(&cfg.eval(w, &extra, &mut vec![]))
+        {
+            continue;
+        }
+        let mut missing = vec![];
+        let v = cfg.eval(value, &extra, &mut missing);
+        let full = if key.starts_with("general.") || key.starts_with("tokenizer.") {
+            key.clone()
+        } else {
+            format!("{arch}.{key}")
+        };
+        if v.is_null() {
+            if *optional {
+                continue;
+            }
+            match missing.first() {
+                Some(k) => bail!(
+                    "{}: key {k:?} is missing (needed by {} for the GGUF key {full})",
+                    cfg.path.display(),
+                    cfg.class.name
+                ),
+                None => bail!(
+                    "{}: the GGUF key {full} has no value for this config ({})",
+                    cfg.path.display(),
+                    cfg.class.name
+                ),
+            }
+        }
+        let gv = meta_value(&v, *ty).ok_or_else(|| {
+            anyhow!(
+                "{}: the GGUF key {full} must be a {ty:?}, but the config gives {v}",
+                cfg.path.display()
+            )
+        })?;
+        md.set(&full, gv);
+    }
+    Ok(())
 }
 
 /// The model keys convert_hf_to_gguf.py writes (through general.quantization_version),
 /// then the tokenizer keys. `file_type` is the converter's outtype ftype.
 pub fn model_metadata(ck: &HfCheckpoint, outtype: GgmlType, n_params: u64) -> Result<Metadata> {
-    let cfg = &ck.config;
-    let arch = cfg.arch.gguf_arch.as_str();
+    let cfg = ck.config()?;
     let mut md = Metadata::new();
-    md.set("general.architecture", Value::Str(arch.into()));
+    md.set(
+        "general.architecture",
+        Value::Str(cfg.arch.gguf_arch.clone()),
+    );
     md.set("general.type", Value::Str("model".into()));
     if let Some(gc) = ck.read_json("generation_config.json")? {
         sampling_metadata(&gc, &mut md);
     }
     md.set("general.name", Value::Str(ck.name()));
     md.set("general.size_label", Value::Str(size_label(n_params)));
-    let k = |s: &str| format!("{arch}.{s}");
-    md.set(&k("block_count"), hparam_u32(cfg.num_hidden_layers));
-    if let Some(ctx) = cfg.max_position_embeddings {
-        md.set(&k("context_length"), Value::U32(ctx as u32));
-    }
-    md.set(&k("embedding_length"), hparam_u32(cfg.hidden_size));
-    md.set(&k("feed_forward_length"), hparam_u32(cfg.intermediate_size));
-    md.set(
-        &k("attention.head_count"),
-        hparam_u32(cfg.num_attention_heads),
-    );
-    md.set(
-        &k("attention.head_count_kv"),
-        hparam_u32(cfg.num_key_value_heads),
-    );
-    let rp = &cfg.rope.params;
-    let factor = rp.get("factor").and_then(J::as_f64);
-    match cfg.rope.rope_type.as_deref() {
-        Some("linear") if factor.is_some() => {
-            md.set(&k("rope.scaling.type"), Value::Str("linear".into()));
-            md.set(
-                &k("rope.scaling.factor"),
-                Value::F32(factor.unwrap() as f32),
-            );
-        }
-        Some("yarn") if factor.is_some() => {
-            md.set(&k("rope.scaling.type"), Value::Str("yarn".into()));
-            md.set(
-                &k("rope.scaling.factor"),
-                Value::F32(factor.unwrap() as f32),
-            );
-            let orig = rp
-                .get("original_max_position_embeddings")
-                .and_then(J::as_u64)
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "{}: yarn RoPE scaling needs original_max_position_embeddings",
-                        cfg.path.display()
-                    )
-                })?;
-            md.set(
-                &k("rope.scaling.original_context_length"),
-                Value::U32(orig as u32),
-            );
-            if let Some(v) = rp.get("extrapolation_factor").and_then(J::as_f64) {
-                md.set(&k("rope.scaling.yarn_ext_factor"), Value::F32(v as f32));
-            }
-            if let Some(v) = rp
-                .get("attention_factor")
-                .or_else(|| rp.get("attn_factor"))
-                .and_then(J::as_f64)
-            {
-                md.set(&k("rope.scaling.yarn_attn_factor"), Value::F32(v as f32));
-            }
-            if let Some(v) = rp.get("beta_fast").and_then(J::as_f64) {
-                md.set(&k("rope.scaling.yarn_beta_fast"), Value::F32(v as f32));
-            }
-            if let Some(v) = rp.get("beta_slow").and_then(J::as_f64) {
-                md.set(&k("rope.scaling.yarn_beta_slow"), Value::F32(v as f32));
-            }
-        }
-        _ => {}
-    }
-    if let Some(theta) = cfg.rope.theta {
-        md.set(&k("rope.freq_base"), Value::F32(theta as f32));
-    }
-    md.set(
-        &k("attention.layer_norm_rms_epsilon"),
-        Value::F32(cfg.rms_norm_eps as f32),
-    );
-    if cfg.head_dim_known {
-        md.set(&k("attention.key_length"), hparam_u32(cfg.head_dim));
-        md.set(&k("attention.value_length"), hparam_u32(cfg.head_dim));
-    }
-    md.set("general.file_type", Value::U32(ftype_of_outtype(outtype)));
-    if cfg.arch.writes_vocab_size {
-        md.set(&k("vocab_size"), hparam_u32(cfg.vocab_size));
-        md.set(&k("rope.dimension_count"), hparam_u32(cfg.head_dim));
-    }
+    architecture_metadata(cfg, outtype, &mut md)?;
     md.set("general.quantization_version", Value::U32(2));
     vocab::add_tokenizer_metadata(ck, &mut md)?;
     Ok(md)
@@ -431,29 +625,86 @@ pub fn size_label(n: u64) -> String {
 mod tests {
     use super::*;
 
+    fn llama() -> &'static Architecture {
+        desc::for_class("LlamaForCausalLM").unwrap().0
+    }
+
+    fn name(hf: &str, n_layer: usize) -> Option<String> {
+        llama().map_tensor_name(hf, n_layer).map(|m| m.gguf)
+    }
+
     #[test]
     fn names() {
         assert_eq!(
-            map_tensor_name("model.embed_tokens.weight", 2).as_deref(),
+            name("model.embed_tokens.weight", 2).as_deref(),
             Some("token_embd.weight")
         );
         assert_eq!(
-            map_tensor_name("model.layers.1.self_attn.q_proj.bias", 2).as_deref(),
+            name("model.layers.1.self_attn.q_proj.bias", 2).as_deref(),
             Some("blk.1.attn_q.bias")
         );
         assert_eq!(
-            map_tensor_name("model.layers.10.mlp.down_proj.weight", 11).as_deref(),
+            name("model.layers.10.mlp.down_proj.weight", 11).as_deref(),
             Some("blk.10.ffn_down.weight")
         );
+        assert_eq!(name("model.layers.2.mlp.down_proj.weight", 2), None);
+        assert_eq!(name("model.layers.x.mlp.down_proj.weight", 2), None);
+        assert_eq!(name("model.layers.01.mlp.down_proj.weight", 2), None);
+        assert_eq!(name("vision.foo.weight", 2), None);
+    }
+
+    #[test]
+    fn every_description_loads() {
+        let n = desc::check_all().unwrap();
+        assert!(n >= 2);
+        assert!(desc::supported_classes().contains(&"LlamaForCausalLM"));
+    }
+
+    #[test]
+    fn every_tensor_name_maps_and_maps_back() {
+        for a in desc::all() {
+            for t in &a.tensors {
+                for suffix in ["weight", "bias"] {
+                    let hf = format!("{}.{suffix}", t.hf.replace("{N}", "3").replace("{E}", "1"));
+                    let m = a
+                        .map_tensor_name(&hf, 4)
+                        .unwrap_or_else(|| panic!("{}: {hf} does not map", a.family));
+                    assert_eq!(&a.tensors[m.entry].hf, &t.hf, "{}: {hf} maps to another entry", a.family);
+                    let back = a.unmap_tensor_name(&m.gguf).unwrap();
+                    assert_eq!(
+                        back,
+                        format!("{}.{suffix}", t.hf.replace("{N}", "3")),
+                        "{}: {} maps back elsewhere",
+                        a.family,
+                        m.gguf
+                    );
+                }
+            }
+            // GGUF names are unique per entry
+            let mut seen = std::collections::HashSet::new();
+            for t in &a.tensors {
+                assert!(seen.insert(&t.gguf), "{}: {} used twice", a.family, t.gguf);
+            }
+        }
+    }
+
+    #[test]
+    fn patterns_with_experts() {
         assert_eq!(
-            map_tensor_name("model.layers.2.mlp.down_proj.weight", 2),
-            None
+            match_pattern(
+                "model.layers.{N}.mlp.experts.{E}.w1",
+                "model.layers.3.mlp.experts.12.w1"
+            ),
+            Some((Some(3), Some(12)))
         );
         assert_eq!(
-            map_tensor_name("model.layers.x.mlp.down_proj.weight", 2),
+            match_pattern(
+                "model.layers.{N}.mlp.experts.{E}.w1",
+                "model.layers.3.mlp.experts.w1"
+            ),
             None
         );
-        assert_eq!(map_tensor_name("vision.foo.weight", 2), None);
+        assert_eq!(match_pattern("lm_head", "lm_head"), Some((None, None)));
     }
 
     #[test]

@@ -54,12 +54,14 @@ fn looks_special(t: &str) -> bool {
         || (t.starts_with("<unused") && t.ends_with('>'))
 }
 
-/// Write the tokenizer keys for an HF checkpoint into `md` (after the model keys).
+/// Write the tokenizer keys for an HF checkpoint into `md` (after the model keys), along the
+/// description's vocabulary paths (`vocab.methods`, tried in order) and quirks.
 pub fn add_tokenizer_metadata(ck: &HfCheckpoint, md: &mut Metadata) -> Result<()> {
     let dir = &ck.dir;
-    let gguf_arch = ck.config.arch.gguf_arch.as_str();
+    let cfg = ck.config()?;
+    let v = &cfg.arch.vocab;
     let tc = ck.read_json("tokenizer_config.json")?;
-    if gguf_arch == "llama"
+    if v.add_prefix_space_from_config
         && let Some(b) = tc
             .as_ref()
             .and_then(|t| t.get("add_prefix_space"))
@@ -68,23 +70,39 @@ pub fn add_tokenizer_metadata(ck: &HfCheckpoint, md: &mut Metadata) -> Result<()
         md.set("tokenizer.ggml.add_space_prefix", Value::Bool(b));
     }
     let tj_path = dir.join("tokenizer.json");
-    if dir.join("tokenizer.model").is_file() {
-        sentencepiece_vocab(ck, md)?;
-    } else if tj_path.is_file() {
-        if gguf_arch == "llama" && is_llama_hf_bpe(&tj_path)? {
-            bail!(
+    let has = |m: &str| v.methods.iter().any(|x| x == m);
+    let mut done = false;
+    for m in &v.methods {
+        match m.as_str() {
+            "sentencepiece" if dir.join("tokenizer.model").is_file() => {
+                sentencepiece_vocab(ck, md)?;
+                if let Some(b) = v.sentencepiece_add_space_prefix {
+                    md.set("tokenizer.ggml.add_space_prefix", Value::Bool(b));
+                }
+            }
+            "llama_hf" if tj_path.is_file() && is_llama_hf_bpe(&tj_path)? => bail!(
                 "{}: SentencePiece-style BPE tokenizer.json (byte_fallback) without tokenizer.model is not supported yet; add the model's tokenizer.model",
                 tj_path.display()
-            );
+            ),
+            "gpt2" if tj_path.is_file() => gpt2_vocab(ck, md)?,
+            _ => continue,
         }
-        gpt2_vocab(ck, md)?;
-    } else {
+        done = true;
+        break;
+    }
+    if !done {
+        let wanted = if has("gpt2") {
+            "tokenizer.json or tokenizer.model"
+        } else {
+            "tokenizer.model"
+        };
         bail!(
-            "{}: no tokenizer.json or tokenizer.model; cannot write the vocabulary",
-            dir.display()
+            "{}: no {wanted}; cannot write the vocabulary for {}",
+            dir.display(),
+            cfg.class.name
         );
     }
-    if gguf_arch == "llama" && ck.config.vocab_size == 49152 {
+    if v.no_bos_for_vocab_sizes.contains(&(cfg.vocab_size as u64)) {
         // LlamaModel.set_vocab: granite/SmolLM-size vocabularies never add BOS
         md.set("tokenizer.ggml.add_bos_token", Value::Bool(false));
     }
@@ -138,7 +156,7 @@ fn gpt2_vocab(ck: &HfCheckpoint, md: &mut Metadata) -> Result<()> {
     let tj_path = ck.dir.join("tokenizer.json");
     let tok = load_tokenizer(&tj_path)?;
     let vocab = tok.get_vocab(true);
-    let vocab_size = ck.config.vocab_size;
+    let vocab_size = ck.config()?.vocab_size;
     if let Some(max) = vocab.values().max()
         && *max as usize >= vocab_size
     {
@@ -324,7 +342,7 @@ fn sentencepiece_vocab(ck: &HfCheckpoint, md: &mut Metadata) -> Result<()> {
     let pieces = parse_sentencepiece(&bytes)
         .map_err(|e| anyhow!("{}: not a SentencePiece model: {e}", path.display()))?;
     let vocab_size = ck
-        .config
+        .config()?
         .raw
         .get("vocab_size")
         .and_then(J::as_u64)

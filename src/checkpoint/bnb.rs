@@ -153,7 +153,7 @@ pub struct Bnb4Plan {
 pub fn plan(ck: &HfCheckpoint, opts: &Bnb4Options) -> Result<Bnb4Plan> {
     // transformers' default skips: tied modules, the last module (lm_head), the output embedding
     let mut defaults = vec!["lm_head".to_string()];
-    if ck.config.tie_word_embeddings {
+    if ck.tied() {
         defaults.push("model.embed_tokens".to_string());
     }
     let patterns: Vec<String> = defaults.iter().chain(&opts.skip).cloned().collect();
@@ -178,9 +178,7 @@ pub fn plan(ck: &HfCheckpoint, opts: &Bnb4Options) -> Result<Bnb4Plan> {
     let qt = opts.quant_type;
     for t in order {
         // a tied lm_head is not saved by transformers (remove_tied_weights_from_state_dict)
-        if ck.config.tie_word_embeddings
-            && t.name == "lm_head.weight"
-            && ck.get("model.embed_tokens.weight").is_some()
+        if ck.tied() && t.name == "lm_head.weight" && ck.get("model.embed_tokens.weight").is_some()
         {
             continue;
         }
@@ -640,7 +638,7 @@ pub fn quantization_config(plan: &Bnb4Plan) -> Value {
 }
 
 fn write_config(ck: &HfCheckpoint, plan: &Bnb4Plan, dir: &AtomicDir) -> Result<()> {
-    let mut cfg = ck.config.raw.clone();
+    let mut cfg = ck.json.clone();
     cfg.remove("torch_dtype");
     cfg.insert("dtype".into(), plan.dtype.torch_name().into());
     cfg.insert("quantization_config".into(), quantization_config(plan));

@@ -2,27 +2,34 @@
 //! chat template and generation config; and the sharded safetensors writer.
 
 pub mod bnb;
-pub mod config;
 pub mod safetensors;
 pub mod writer;
 
-pub use config::ModelConfig;
+pub use crate::arch::{ConfigError, ModelConfig};
 pub use safetensors::{StFile, TensorRef};
 
 use anyhow::{Context, Result, anyhow, bail};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-/// An HF model folder with its tensors memory-mapped.
+/// An HF model folder with its tensors memory-mapped: the one loader every command uses.
+/// The folder opens whatever its architecture; the family description (and so the typed
+/// [`ModelConfig`]) is needed only by commands that must know the family (GGUF conversion,
+/// adapter export, fine-tuning), which ask `config()`.
 pub struct HfCheckpoint {
     pub dir: PathBuf,
-    pub config: ModelConfig,
+    /// config.json as written.
+    pub json: Map<String, Value>,
+    /// The architecture class config.json declares.
+    pub class: String,
+    model: std::result::Result<ModelConfig, ConfigError>,
     pub shards: Vec<StFile>,
-    /// Every tensor, in convert_hf_to_gguf.py's iteration order (shards sorted by file name,
-    /// tensors sorted by name within a shard).
+    /// Every tensor, shards in file-name order, tensors in file (offset) order.
     pub tensors: Vec<TensorRef>,
     index: HashMap<String, usize>,
+    /// A bitsandbytes 4-bit (NF4/FP4) folder, read dequantized.
+    pub quantized: bool,
 }
 
 /// Shard file names of a folder: the index's `weight_map` values, else `model*.safetensors`.
@@ -77,7 +84,12 @@ pub fn shard_names(dir: &Path) -> Result<ShardList> {
 
 impl HfCheckpoint {
     pub fn open(dir: &Path) -> Result<HfCheckpoint> {
-        let config = ModelConfig::load(dir)?;
+        if !dir.is_dir() {
+            bail!("{}: not a model folder", dir.display());
+        }
+        let json = crate::arch::config::read_config_json(dir)?;
+        let class = crate::arch::config::class_of(&dir.join("config.json"), &json)?;
+        let model = ModelConfig::from_json(&dir.join("config.json"), json.clone());
         let (names, weight_map) = shard_names(dir)?;
         if names.is_empty() {
             if dir.join("pytorch_model.bin").exists()
@@ -104,17 +116,14 @@ impl HfCheckpoint {
         let mut tensors = Vec::new();
         let mut index = HashMap::new();
         for s in &shards {
-            let mut ts: Vec<&TensorRef> = s.tensors.iter().collect();
-            ts.sort_by(|a, b| a.name.cmp(&b.name));
-            for t in ts {
-                if index.contains_key(&t.name) {
+            for t in &s.tensors {
+                if index.insert(t.name.clone(), tensors.len()).is_some() {
                     bail!(
                         "{}: tensor {:?} appears in more than one shard",
                         s.path.display(),
                         t.name
                     );
                 }
-                index.insert(t.name.clone(), tensors.len());
                 tensors.push(t.clone());
             }
         }
@@ -150,7 +159,10 @@ impl HfCheckpoint {
                 }
             }
         }
-        if is_bnb_folder(dir)? {
+        // a bitsandbytes 4-bit folder: each weight's key group read as its dequantized self
+        // (decisions.md: dequantize to the stored dtype)
+        let quantized = is_bnb_folder(dir)?;
+        if quantized {
             bnb::fold_quantized(dir, &mut tensors)?;
             index = tensors
                 .iter()
@@ -160,15 +172,87 @@ impl HfCheckpoint {
         }
         Ok(HfCheckpoint {
             dir: dir.to_path_buf(),
-            config,
+            json,
+            class,
+            model,
             shards,
             tensors,
             index,
+            quantized,
         })
+    }
+
+    /// The family-aware config (an error naming the class and the supported ones when the
+    /// family is not described, or naming the key a described family misses).
+    pub fn config(&self) -> std::result::Result<&ModelConfig, ConfigError> {
+        self.model.as_ref().map_err(Clone::clone)
     }
 
     pub fn get(&self, name: &str) -> Option<&TensorRef> {
         self.index.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// Tensors in convert_hf_to_gguf.py's iteration order: shards by file name, tensors by
+    /// name within a shard.
+    pub fn converter_order(&self) -> Vec<&TensorRef> {
+        let mut v: Vec<&TensorRef> = self.tensors.iter().collect();
+        v.sort_by(|a, b| a.file.cmp(&b.file).then_with(|| a.name.cmp(&b.name)));
+        v
+    }
+
+    /// A tensor's name as the tensor map spells it: a multimodal class's text-model prefix
+    /// (`model.language_model.`) read as `model.`.
+    pub fn text_name(&self, name: &str) -> String {
+        if let Ok(c) = self.config()
+            && let Some(p) = &c.class.text_prefix
+            && let Some(rest) = name.strip_prefix(p.as_str())
+        {
+            return format!("model.{rest}");
+        }
+        name.to_string()
+    }
+
+    /// Whether a tensor lies outside the text model of a multimodal class (a vision tower
+    /// or projector, which the text conversion leaves out).
+    pub fn outside_text_model(&self, name: &str) -> bool {
+        match self
+            .config()
+            .ok()
+            .and_then(|c| c.class.text_prefix.as_ref())
+        {
+            Some(p) => !name.starts_with(p.as_str()) && name != "lm_head.weight",
+            None => false,
+        }
+    }
+
+    /// A config.json value (top level, else `text_config`).
+    pub fn config_value(&self, k: &str) -> Option<&Value> {
+        self.json.get(k).filter(|v| !v.is_null()).or_else(|| {
+            self.json
+                .get("text_config")
+                .and_then(|t| t.get(k))
+                .filter(|v| !v.is_null())
+        })
+    }
+
+    /// Whether the output head shares the input embedding: the checkpoint has no
+    /// `lm_head.weight`, or config.json's `tie_word_embeddings` (transformers' class default
+    /// when absent) says so — transformers then ties the head to the embedding at load time.
+    /// Every command (conversion, merge, NF4, adapter export, fine-tuning) uses this rule.
+    pub fn tied(&self) -> bool {
+        let flag = match self
+            .config_value("tie_word_embeddings")
+            .and_then(Value::as_bool)
+        {
+            Some(b) => b,
+            None => self
+                .config()
+                .ok()
+                .and_then(|c| c.class.defaults.get("tie_word_embeddings"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        };
+        flag || self.get("lm_head.weight").is_none()
     }
 
     /// Name of the model: the folder's name.

@@ -3,7 +3,7 @@
 
 use super::quantize::{print_plan, report, write};
 use super::usage;
-use crate::checkpoint::config::ModelConfig;
+use crate::checkpoint::ModelConfig;
 use crate::lora::{Adapter, export};
 use crate::quant::GgmlType;
 use anyhow::Result;

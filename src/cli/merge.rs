@@ -6,7 +6,7 @@ use super::{human_bytes, progress_bar, set_threads, usage};
 use crate::checkpoint::HfCheckpoint;
 use crate::convert::{self, QuantOptions};
 use crate::lora::adapter::{Adapter, parse_spec};
-use crate::lora::merge::{BaseModel, FloatType, MergePlan};
+use crate::lora::merge::{FloatType, MergePlan};
 use crate::lora::output;
 use anyhow::Result;
 use std::path::{Path, PathBuf};
@@ -106,7 +106,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
                 a.max_shard_size
             ))
         })?;
-    let base = BaseModel::open(&a.base)?;
+    let base = HfCheckpoint::open(&a.base)?;
     let adapters = open_adapters(&a.adapters)?;
     let plan = MergePlan::build(&base, &adapters, dtype)?;
     if !quiet {
@@ -166,7 +166,7 @@ fn run_gguf(a: &Args, t: Target, plan: &MergePlan, inputs: &[&Path], quiet: bool
 
 fn run_hf(
     a: &Args,
-    base: &BaseModel,
+    base: &HfCheckpoint,
     plan: &MergePlan,
     inputs: &[&Path],
     max_shard_size: u64,

@@ -126,7 +126,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
         let ck = HfCheckpoint::open(&a.base)?;
         (convert::plan_hf(&ck, &opts, None)?, ck.name(), vec![])
     } else {
-        let base = crate::lora::merge::BaseModel::open(&a.base)?;
+        let base = HfCheckpoint::open(&a.base)?;
         let ads = super::merge::open_adapters(&a.adapters)?;
         let mplan = crate::lora::merge::MergePlan::build(&base, &ads, None)?;
         let (p, n) = super::merge::gguf_plan(&a.base, &mplan, &opts)?;

@@ -107,7 +107,7 @@ pub fn run(a: Args, quiet: bool) -> Result<()> {
     let kind = checkpoint::detect(&a.src)?;
     let (plan, name) = match kind {
         InputKind::HfFolder if !a.adapters.is_empty() => {
-            let base = crate::lora::merge::BaseModel::open(&a.src)?;
+            let base = HfCheckpoint::open(&a.src)?;
             let ads = super::merge::open_adapters(&a.adapters)?;
             let mplan = crate::lora::merge::MergePlan::build(&base, &ads, None)?;
             if !quiet {
@@ -231,9 +231,8 @@ fn run_bnb4(a: Args, quiet: bool) -> Result<()> {
     // adapters merged in the same pass (the values `ftconv merge` would write), then quantized
     let mut over = bnb::Overrides::new();
     if !a.adapters.is_empty() {
-        let base = crate::lora::merge::BaseModel::open(&a.src)?;
         let ads = super::merge::open_adapters(&a.adapters)?;
-        let mplan = crate::lora::merge::MergePlan::build(&base, &ads, None)?;
+        let mplan = crate::lora::merge::MergePlan::build(&ck, &ads, None)?;
         if !quiet {
             for w in &mplan.warnings {
                 eprintln!("ftconv: note: {w}");

@@ -13,8 +13,8 @@
 
 use super::adapter::{Adapter, PeftType};
 use crate::arch;
+use crate::checkpoint::ModelConfig;
 use crate::checkpoint::TensorRef;
-use crate::checkpoint::config::ModelConfig;
 use crate::gguf::{Metadata, Value};
 use crate::plan::{Plan, PlannedTensor, RowSource, SafetensorsRows, VecRows};
 use crate::quant::GgmlType;
@@ -86,7 +86,7 @@ pub fn plan_adapter(adapter: &Adapter, base: &ModelConfig, out: GgmlType) -> Res
         );
     }
     let n_layer = base.num_hidden_layers;
-    let tied = base.tie_word_embeddings;
+    let tied = base.tied_by_config();
     // Plain LoRA: llama.cpp scales by alpha/r with the file's single alpha.
     let file_alpha = cfg.lora_alpha as f32;
     let mut entries: Vec<Entry> = vec![];
@@ -96,14 +96,23 @@ pub fn plan_adapter(adapter: &Adapter, base: &ModelConfig, out: GgmlType) -> Res
             continue; // dropped by the converter (a frozen copy of the base weight)
         }
         if t.name.contains("_layernorm") || t.name.contains(".norm") {
-            let Some(name) = arch::map_tensor_name(target, n_layer) else {
+            let Some(m) = base.arch.map_tensor_name(target, n_layer) else {
                 bail!(
                     "{dir}: adapter tensor {:?} has no GGUF name in a {} model",
                     t.name,
-                    base.arch.hf_class
+                    base.class.name
                 );
             };
-            let data = read_all(t)?;
+            let name = m.gguf.clone();
+            let mut data = read_all(t)?;
+            // the converter's value transforms apply to a full tensor (Gemma's norm + 1)
+            let src_rounding = crate::plan::Rounding::for_dtype(t.dtype);
+            for tr in arch::applied_transforms(base, &m)? {
+                if let arch::Applied::Add(v) = tr {
+                    data.iter_mut().for_each(|x| *x += v as f32);
+                    src_rounding.apply(&mut data);
+                }
+            }
             entries.push(Entry {
                 key: t.name.clone(),
                 tensors: vec![PlannedTensor {
@@ -149,12 +158,28 @@ pub fn plan_adapter(adapter: &Adapter, base: &ModelConfig, out: GgmlType) -> Res
         if a.shape.len() != 2 || b.shape.len() != 2 {
             bail!("{dir}: module {module:?}: lora_A and lora_B must be 2-D");
         }
-        let Some(name) = arch::map_tensor_name(&base_name, n_layer) else {
+        let Some(m) = base.arch.map_tensor_name(&base_name, n_layer) else {
             bail!(
                 "{dir}: adapted module {module:?} has no tensor in a {} model with {n_layer} layers",
-                base.arch.hf_class
+                base.class.name
             );
         };
+        if base.arch.tensors[m.entry].stack.is_some() {
+            bail!(
+                "{dir}: module {module:?} is one expert of a mixture-of-experts layer, which llama.cpp stores stacked; a GGUF LoRA cannot adapt one expert — merge it instead (ftconv merge)"
+            );
+        }
+        let transforms = arch::applied_transforms(base, &m)?;
+        if transforms
+            .iter()
+            .any(|t| !matches!(t, arch::Applied::Permute(_)))
+        {
+            bail!(
+                "{dir}: module {module:?} maps to {} which the converter transforms in a way a LoRA delta cannot follow; merge it instead (ftconv merge)",
+                m.gguf
+            );
+        }
+        let name = m.gguf.clone();
         if name == "output.weight" && tied {
             bail!(
                 "{dir}: the adapter targets lm_head, but the base model ties it to the embeddings (no output tensor in the GGUF)"
@@ -175,16 +200,13 @@ pub fn plan_adapter(adapter: &Adapter, base: &ModelConfig, out: GgmlType) -> Res
             file_alpha as f64 / r as f64
         };
         let factor = (peft_scale / runtime_scale) as f32;
-        let permute = if base.arch.permute_qk && !embedding {
-            if module.ends_with("q_proj") {
-                Some(base.num_attention_heads)
-            } else if module.ends_with("k_proj") {
-                Some(base.num_key_value_heads)
-            } else {
-                None
-            }
-        } else {
+        let permute = if embedding {
             None
+        } else {
+            transforms.iter().find_map(|t| match t {
+                arch::Applied::Permute(h) => Some(*h),
+                _ => None,
+            })
         };
         let origin = |t: &TensorRef| format!("{}:{}", adapter.file.path.display(), t.name);
         let mut tensors = vec![];

@@ -14,15 +14,14 @@
 //! Everything is computed per tensor, row by row, from memory-mapped inputs.
 
 use super::adapter::{Adapter, ModuleTensors, PREFIX, PeftType};
-use crate::checkpoint::{StFile, TensorRef, read_json_opt};
+use crate::checkpoint::{HfCheckpoint, TensorRef};
 use crate::gpu::{self, LoraMode, MergeStep};
 use crate::plan::{RowSource, SafetensorsRows};
 use crate::quant::fp;
 use anyhow::{Result, anyhow, bail};
 use safetensors::Dtype;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 // ------------------------------------------------------------------ numbers
@@ -474,96 +473,12 @@ const BASE_PREFIXES: &[&str] = &[
     "language_model",
 ];
 
-/// A base model folder for merging: config.json as JSON (any architecture) and the
-/// safetensors shards memory-mapped.
-pub struct BaseModel {
-    pub dir: PathBuf,
-    pub config: Map<String, Value>,
-    pub shards: Vec<StFile>,
-    /// Every tensor, shards in file-name order, tensors in file order.
-    pub tensors: Vec<TensorRef>,
-    index: HashMap<String, usize>,
-    /// A bitsandbytes 4-bit (NF4/FP4) folder, read dequantized.
-    pub quantized: bool,
-}
-
-impl BaseModel {
-    pub fn open(dir: &Path) -> Result<BaseModel> {
-        if !dir.is_dir() {
-            bail!("{}: not a model folder", dir.display());
-        }
-        let cfg_path = dir.join("config.json");
-        let config = match read_json_opt(&cfg_path)? {
-            Some(Value::Object(o)) => o,
-            Some(_) => bail!("{}: expected a JSON object", cfg_path.display()),
-            None => bail!(
-                "{}: config.json is missing (not a Hugging Face model folder?)",
-                dir.display()
-            ),
-        };
-        let (names, _) = crate::checkpoint::shard_names(dir)?;
-        if names.is_empty() {
-            if dir.join("pytorch_model.bin").exists() {
-                bail!(
-                    "{}: only PyTorch .bin weights found; ftconv reads safetensors",
-                    dir.display()
-                );
-            }
-            bail!("{}: no model*.safetensors files", dir.display());
-        }
-        let mut shards = vec![];
-        let mut tensors = vec![];
-        let mut index = HashMap::new();
-        for n in &names {
-            let f = StFile::open(&dir.join(n))?;
-            for t in &f.tensors {
-                if index.insert(t.name.clone(), tensors.len()).is_some() {
-                    bail!(
-                        "{}: tensor {:?} appears in more than one shard",
-                        f.path.display(),
-                        t.name
-                    );
-                }
-                tensors.push(t.clone());
-            }
-            shards.push(f);
-        }
-        // a bitsandbytes 4-bit folder: each weight's key group read as its dequantized self
-        // (decisions.md: dequantize to the stored dtype, merge, write that dtype)
-        let quantized = crate::checkpoint::is_bnb_folder(dir)?;
-        if quantized {
-            crate::checkpoint::bnb::fold_quantized(dir, &mut tensors)?;
-            index = tensors
-                .iter()
-                .enumerate()
-                .map(|(i, t)| (t.name.clone(), i))
-                .collect();
-        }
-        Ok(BaseModel {
-            dir: dir.to_path_buf(),
-            config,
-            shards,
-            tensors,
-            index,
-            quantized,
-        })
-    }
-
-    pub fn get(&self, name: &str) -> Option<&TensorRef> {
-        self.index.get(name).map(|&i| &self.tensors[i])
-    }
-
-    fn cfg(&self, k: &str) -> Option<&Value> {
-        self.config.get(k).or_else(|| {
-            self.config
-                .get("text_config")
-                .and_then(|t| t.get(k))
-                .filter(|v| !v.is_null())
-        })
-    }
-
+/// What the merge needs to know of its base folder beyond the tensors.
+impl HfCheckpoint {
     pub fn model_type(&self) -> &str {
-        self.cfg("model_type").and_then(Value::as_str).unwrap_or("")
+        self.config_value("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
     }
 
     pub fn is_conv1d_model(&self) -> bool {
@@ -581,21 +496,12 @@ impl BaseModel {
         })
     }
 
-    /// `tie_word_embeddings`; absent, transformers' default (true) unless the checkpoint
-    /// carries its own `lm_head.weight`.
-    pub fn tied(&self) -> bool {
-        match self.cfg("tie_word_embeddings").and_then(Value::as_bool) {
-            Some(b) => b,
-            None => self.get("lm_head.weight").is_none(),
-        }
-    }
-
     /// The stored dtype of the model (config `dtype` / `torch_dtype`, else the first 2-D
     /// float tensor's).
     pub fn float_type(&self) -> FloatType {
         for k in ["dtype", "torch_dtype"] {
             if let Some(t) = self
-                .cfg(k)
+                .config_value(k)
                 .and_then(Value::as_str)
                 .and_then(FloatType::parse)
             {
@@ -885,7 +791,7 @@ impl MergePlan {
 
     /// Plan the merge of `adapters` into `base`, checking everything before any output.
     pub fn build(
-        base: &BaseModel,
+        base: &HfCheckpoint,
         adapters: &[Adapter],
         dtype: Option<FloatType>,
     ) -> Result<MergePlan> {
@@ -1138,7 +1044,7 @@ impl MergePlan {
 
 /// Which way a LoRA module meets its base weight, with shape checks.
 fn lora_layout(
-    base: &BaseModel,
+    base: &HfCheckpoint,
     ad: &Adapter,
     m: &str,
     parts: &ModuleTensors,
@@ -1194,7 +1100,7 @@ fn lora_layout(
 /// IA³: `ia3_l` is [out, 1] (scales output features, and the bias) or [1, in] for
 /// feedforward modules (scales input features).
 fn plan_ia3(
-    base: &BaseModel,
+    base: &HfCheckpoint,
     ad: &Adapter,
     m: &str,
     parts: &ModuleTensors,

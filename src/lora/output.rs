@@ -5,7 +5,8 @@
 //! Shards are written by the shared streaming writer (`checkpoint::writer`), one tensor at a
 //! time, merged rows computed as they are written.
 
-use super::merge::{BaseModel, FloatType, MergePlan, TensorJob};
+use super::merge::{FloatType, MergePlan, TensorJob};
+use crate::checkpoint::HfCheckpoint;
 use crate::checkpoint::TensorRef;
 use crate::checkpoint::writer::{PlannedTensor as WPlanned, ShardedWriter, WriterOptions};
 use crate::exec;
@@ -147,8 +148,8 @@ pub fn sorted(v: Value) -> Value {
 
 /// config.json for the merged model: the base's, with the dtype transformers records
 /// (`dtype` in transformers 5, `torch_dtype` in 4.x; whichever the base has, `dtype` if none).
-pub fn merged_config(base: &BaseModel, ty: FloatType) -> Value {
-    let mut c = base.config.clone();
+pub fn merged_config(base: &HfCheckpoint, ty: FloatType) -> Value {
+    let mut c = base.json.clone();
     // a 4-bit base is written dequantized
     c.remove("quantization_config");
     let name = Value::String(ty.torch_name().into());
@@ -196,7 +197,7 @@ pub struct Written {
 /// Write the merged HF folder at `out` (whole or not at all).
 pub fn write_hf_folder(
     out: &Path,
-    base: &BaseModel,
+    base: &HfCheckpoint,
     plan: &MergePlan,
     max_shard_size: u64,
     progress: &mut dyn FnMut(u64),

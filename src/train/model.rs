@@ -11,7 +11,7 @@
 //! (`softmax_last_dim`, `rms_norm`, `rope`) are never used (shared/specs/rust-crates.md §3.4).
 
 use crate::checkpoint::HfCheckpoint;
-use crate::checkpoint::config::ModelConfig;
+use crate::checkpoint::ModelConfig;
 use crate::quant::nf4;
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::{
@@ -1172,13 +1172,25 @@ impl Model {
         init: LoraInit,
         device: &Device,
     ) -> Result<Model> {
-        let cfg = &ck.config;
-        match cfg.arch.hf_class.as_str() {
-            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" => {}
-            other => bail!(
-                "{}: fine-tuning supports the llama family (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM), not {other}",
-                cfg.path.display()
-            ),
+        let cfg = ck.config()?;
+        let block = cfg
+            .arch
+            .train
+            .as_ref()
+            .and_then(|t| t.get("block"))
+            .and_then(serde_json::Value::as_str);
+        if block != Some("llama") {
+            let supported: Vec<&str> = crate::arch::desc::all()
+                .iter()
+                .filter(|a| a.train.is_some())
+                .flat_map(|a| a.classes.iter().map(|c| c.name.as_str()))
+                .collect();
+            bail!(
+                "{}: fine-tuning does not support {} yet (supported: {})",
+                cfg.path.display(),
+                cfg.class.name,
+                supported.join(", ")
+            );
         }
         for t in &spec.targets {
             if !ALL_TARGETS.contains(&t.as_str()) {
@@ -1194,7 +1206,7 @@ impl Model {
         };
         let embed = dense("model.embed_tokens.weight")?;
         let norm = dense("model.norm.weight")?;
-        let lm_head_tied = cfg.tie_word_embeddings || ck.get("lm_head.weight").is_none();
+        let lm_head_tied = ck.tied();
         let lm_head = Frozen::Dense(if lm_head_tied {
             embed.clone()
         } else {

@@ -568,9 +568,9 @@ pub fn run(a: &Args, quiet: bool) -> Result<()> {
         println!("finetune plan for {}", a.base.display());
         println!(
             "  model: {} layers, hidden {}, vocab {}; base weights {}",
-            ck.config.num_hidden_layers,
-            ck.config.hidden_size,
-            ck.config.vocab_size,
+            ck.config()?.num_hidden_layers,
+            ck.config()?.hidden_size,
+            ck.config()?.vocab_size,
             format!("{:?}", a.base_dtype).to_lowercase()
         );
         println!(

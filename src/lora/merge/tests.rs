@@ -4,6 +4,7 @@
 //! delta is exact and the comparison can demand identical bits wherever the formula has
 //! no square root.
 
+use std::path::{Path, PathBuf};
 use super::*;
 use crate::lora::adapter::Adapter;
 use safetensors::tensor::TensorView;
@@ -128,7 +129,7 @@ fn merged(
     adapters: &[(&Path, f64)],
     dtype: Option<FloatType>,
 ) -> Result<(MergePlan, HashMap<String, Vec<f32>>)> {
-    let b = BaseModel::open(base)?;
+    let b = crate::checkpoint::HfCheckpoint::open(base)?;
     let ads: Vec<Adapter> = adapters
         .iter()
         .map(|(p, w)| Adapter::open(p, *w))
