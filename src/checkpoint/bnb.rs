@@ -85,35 +85,38 @@ pub fn is_linear_weight(t: &TensorRef) -> bool {
         && !t.name.contains("embed")
 }
 
-/// Order key of a tensor in the model's `state_dict()` (module definition order of the
-/// Llama-family classes), used only to split shards as transformers would.
-fn state_dict_key(name: &str) -> Vec<(u32, u64, String)> {
-    const RANK: &[&str] = &[
-        "model",
-        "embed_tokens",
-        "layers",
-        "self_attn",
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "mlp",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-        "input_layernorm",
-        "post_attention_layernorm",
-        "norm",
-        "lm_head",
-        "weight",
-        "bias",
-    ];
+/// Module order for families without a description: the llama family's definition order,
+/// which most decoder-only models share.
+const GENERIC_MODULE_ORDER: &[&str] = &[
+    "model",
+    "embed_tokens",
+    "layers",
+    "self_attn",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "mlp",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "norm",
+    "lm_head",
+];
+
+/// Order key of a tensor in the model's `state_dict()` (module definition order, from the
+/// family's description), used only to split shards as transformers would.
+fn state_dict_key(name: &str, order: &[&str]) -> Vec<(u32, u64, String)> {
     name.split('.')
         .map(|p| {
             if let Ok(n) = p.parse::<u64>() {
                 (0, n, String::new())
-            } else if let Some(r) = RANK.iter().position(|x| *x == p) {
+            } else if let Some(r) = order.iter().position(|x| *x == p) {
                 (1, r as u64, String::new())
+            } else if p == "weight" || p == "bias" {
+                (1, (order.len() + usize::from(p == "bias")) as u64, String::new())
             } else {
                 (2, 0, p.to_string())
             }
@@ -169,7 +172,13 @@ pub fn plan(ck: &HfCheckpoint, opts: &Bnb4Options) -> Result<Bnb4Plan> {
         Some(v)
     };
     let mut order: Vec<&TensorRef> = ck.tensors.iter().collect();
-    order.sort_by_cached_key(|t| state_dict_key(&t.name));
+    let module_order: Vec<&str> = match ck.config() {
+        Ok(c) if !c.arch.module_order.is_empty() => {
+            c.arch.module_order.iter().map(String::as_str).collect()
+        }
+        _ => GENERIC_MODULE_ORDER.to_vec(),
+    };
+    order.sort_by_cached_key(|t| state_dict_key(&t.name, &module_order));
     let mut planned = vec![];
     let mut parts = HashMap::new();
     let mut quantized = vec![];
