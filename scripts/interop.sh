@@ -2,7 +2,7 @@
 # Conformance suite: ftconv against the real tools (llama.cpp's converter + llama-quantize, transformers, PEFT,
 # bitsandbytes). The environment is installed and cached by scripts/interop/setup.sh (outside the repo).
 #
-#   scripts/interop.sh [SECTION...]     sections: quantize merge nf4 ollama adapter finetune (default: all)
+#   scripts/interop.sh [SECTION...]     sections: quantize merge nf4 ollama adapter finetune families (default: all)
 #
 # Env: FTCONV_INTEROP_CACHE (cache dir, default $HOME/.cache/ftconv-interop), FTCONV_INTEROP_KEEP=1 keeps the
 # temporary work dir, FTCONV_INTEROP_MODELS / FTCONV_INTEROP_TYPES narrow the quantize matrix,
@@ -127,8 +127,10 @@ source "$INTEROP/ollama.sh"
 source "$INTEROP/adapter.sh"
 # shellcheck source=interop/finetune.sh
 source "$INTEROP/finetune.sh"
+# shellcheck source=interop/families.sh
+source "$INTEROP/families.sh"
 
-ALL_SECTIONS="quantize merge nf4 ollama adapter finetune"
+ALL_SECTIONS="quantize merge nf4 ollama adapter finetune families"
 sections=${*:-$ALL_SECTIONS}
 for s in $sections; do
   [[ " $ALL_SECTIONS " == *" $s "* ]] || { echo "interop.sh: unknown section '$s' (have: $ALL_SECTIONS)" >&2; exit 2; }

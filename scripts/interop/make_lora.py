@@ -1,6 +1,6 @@
 """Make a PEFT LoRA adapter on an HF model with PEFT itself (B drawn non-zero so it changes outputs).
 
-    make_lora.py BASE_DIR OUT_DIR [--rslora] [--embed]
+    make_lora.py BASE_DIR OUT_DIR [--rslora] [--embed] [--targets a,b,c]
 """
 import sys
 
@@ -9,10 +9,16 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 base, out = sys.argv[1], sys.argv[2]
-flags = set(sys.argv[3:])
+argv = sys.argv[3:]
+targets = None
+if "--targets" in argv:
+    i = argv.index("--targets")
+    targets = argv[i + 1].split(",")
+    del argv[i:i + 2]
+flags = set(argv)
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+targets = targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 if "--embed" in flags:
     targets.append("embed_tokens")
 cfg = LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM",

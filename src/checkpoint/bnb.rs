@@ -116,7 +116,11 @@ fn state_dict_key(name: &str, order: &[&str]) -> Vec<(u32, u64, String)> {
             } else if let Some(r) = order.iter().position(|x| *x == p) {
                 (1, r as u64, String::new())
             } else if p == "weight" || p == "bias" {
-                (1, (order.len() + usize::from(p == "bias")) as u64, String::new())
+                (
+                    1,
+                    (order.len() + usize::from(p == "bias")) as u64,
+                    String::new(),
+                )
             } else {
                 (2, 0, p.to_string())
             }

@@ -4,11 +4,11 @@
 //! delta is exact and the comparison can demand identical bits wherever the formula has
 //! no square root.
 
-use std::path::{Path, PathBuf};
 use super::*;
 use crate::lora::adapter::Adapter;
 use safetensors::tensor::TensorView;
 use serde_json::json;
+use std::path::{Path, PathBuf};
 
 // ---------------------------------------------------------------- independent helpers
 
