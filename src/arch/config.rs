@@ -155,6 +155,9 @@ pub fn resolve_hparams(raw: &Map<String, Value>, class: &ClassDesc) -> Map<Strin
             }
         }
     }
+    for k in &class.drop {
+        h.remove(k);
+    }
     normalize_rope(&mut h);
     h
 }

@@ -25,6 +25,9 @@ pub struct ClassDesc {
     pub defaults: Map<String, Value>,
     /// Values the config class computes when a key is absent or null (expressions).
     pub derived: Vec<(String, Expr)>,
+    /// Keys the converter removes from the hyperparameters before reading them (Granite's
+    /// `head_dim`).
+    pub drop: Vec<String>,
     /// Prefix of the text model's tensors (`model.language_model.` for a multimodal class);
     /// tensors outside it are not part of the text model.
     pub text_prefix: Option<String>,
@@ -203,6 +206,8 @@ struct RawClass {
     derived: Map<String, Value>,
     #[serde(default)]
     text_prefix: Option<String>,
+    #[serde(default)]
+    drop: Vec<String>,
 }
 
 fn expr(s: &str, ctx: &str) -> Result<Expr, String> {
@@ -317,6 +322,7 @@ impl Architecture {
                 defaults: rc.defaults,
                 derived,
                 text_prefix: rc.text_prefix,
+                drop: rc.drop,
             });
         }
         let mut config = vec![];
