@@ -161,7 +161,9 @@ def check(args):
             expected = expected[len(bos):]
         if "currentDate" in mf["TEMPLATE"]:
             today = datetime.date.today()
-            expected = expected.replace(today.strftime("%d %b %Y"), today.isoformat())
+            import re
+            for fmt in set(re.findall(r"strftime_now\(\s*[\"']([^\"']*)[\"']\s*\)", jinja)) | {"%d %b %Y"}:
+                expected = expected.replace(today.strftime(fmt), today.isoformat())
         cpath = os.path.join(tmp, "conv.json")
         with open(cpath, "w", encoding="utf-8") as f:
             json.dump({"messages": messages, "tools": tools or []}, f, ensure_ascii=False)

@@ -9,6 +9,14 @@ const FAMILIES_JSON: &str = include_str!("../../formats/ollama/families.json");
 /// The Go template files, by name.
 const TEMPLATES: &[(&str, &str)] = &[
     (
+        "smollm3.gotmpl",
+        include_str!("../../formats/ollama/smollm3.gotmpl"),
+    ),
+    (
+        "granite3.gotmpl",
+        include_str!("../../formats/ollama/granite3.gotmpl"),
+    ),
+    (
         "chatml.gotmpl",
         include_str!("../../formats/ollama/chatml.gotmpl"),
     ),

@@ -106,6 +106,18 @@ pub fn canned_conversations() -> Vec<Conversation> {
 pub const PROOF_DATE_JINJA: &str = "22 Nov 2026";
 pub const PROOF_DATE_ISO: &str = "2026-11-22";
 
+/// The proof date as the Jinja source writes it: each `strftime_now(FORMAT)` format it uses.
+pub fn proof_dates_in(jinja: &str) -> Vec<String> {
+    let re = regex::Regex::new(r#"strftime_now\(\s*["']([^"']*)["']\s*\)"#).unwrap();
+    let mut v: Vec<String> = re
+        .captures_iter(jinja)
+        .map(|c| crate::chat_template::strftime_fixed(&c[1], PROOF_DATE_JINJA))
+        .collect();
+    v.push(PROOF_DATE_JINJA.to_string());
+    v.dedup();
+    v
+}
+
 /// Render the Jinja template the way `apply_chat_template(..., add_generation_prompt=True)`
 /// does.
 pub fn render_jinja(src: &ChatSource, tpl: &ChatTemplate, conv: &Conversation) -> Result<String> {
@@ -353,6 +365,14 @@ pub fn default_system(src: &ChatSource, tpl: &ChatTemplate) -> Option<String> {
         .take_while(|(a, b)| a == b)
         .count();
     let d = &rest[..rest.len() - s];
+    // a default that writes today's date (Granite's "Today's Date: …") stays in the TEMPLATE,
+    // where Ollama's currentDate fills it in; a SYSTEM line would freeze the proof date
+    if proof_dates_in(&src.template)
+        .iter()
+        .any(|date| src.template.contains("strftime_now") && d.contains(date.as_str()))
+    {
+        return None;
+    }
     (!d.is_empty() && without.is_char_boundary(at + d.len())).then(|| d.to_string())
 }
 
@@ -409,7 +429,9 @@ pub fn prove(
             expected = rest.to_string();
         }
         if go.uses("currentDate") {
-            expected = expected.replace(PROOF_DATE_JINJA, PROOF_DATE_ISO);
+            for d in proof_dates_in(&src.template) {
+                expected = expected.replace(&d, PROOF_DATE_ISO);
+            }
         }
         let got = match render_ollama(&go, &conv.messages, conv.tools.as_ref(), system, &env) {
             Ok(s) => s,
@@ -492,7 +514,8 @@ pub fn derive(src: &ChatSource, force: bool) -> Result<Derived> {
                 }
                 if text.contains("currentDate") {
                     notes.push(format!(
-                        "the chat template writes today's date as {PROOF_DATE_JINJA:?}; Ollama's currentDate writes it as {PROOF_DATE_ISO:?} (the only difference allowed)"
+                        "the chat template writes today's date as {:?}; Ollama's currentDate writes it as {PROOF_DATE_ISO:?} (the only difference allowed)",
+                        proof_dates_in(&src.template)[0]
                     ));
                 }
                 if detected.is_none() {
