@@ -283,6 +283,8 @@ impl ModelConfig {
                 e.eval(&scope, &mut missing)
             };
             if v.is_null() {
+                // a key present but null names itself too
+                e.names(&mut missing);
                 missing_of.insert(k.clone(), missing);
             } else {
                 canonical.insert(k.clone(), v);

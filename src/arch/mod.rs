@@ -18,6 +18,7 @@ use crate::gguf::{Array, Metadata, Value};
 use crate::quant::GgmlType;
 use anyhow::{Result, anyhow, bail};
 use serde_json::Value as J;
+use std::collections::HashMap;
 
 /// A tensor name matched against a tensor-map pattern: the entry and its `{N}`/`{E}`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -268,6 +269,9 @@ fn stored_type(name: &str, n_dims: usize, outtype: GgmlType) -> GgmlType {
     }
 }
 
+/// Experts of one stacked tensor: (tensor-map entry, block, suffix).
+type ExpertSlot = (usize, Option<usize>, Option<String>);
+
 /// Every tensor the converter writes, in the converter's order.
 pub fn converted_tensors(ck: &HfCheckpoint, outtype: GgmlType) -> Result<Vec<ConvertedTensor>> {
     let cfg = ck.config()?;
@@ -289,10 +293,7 @@ pub fn converted_tensors(ck: &HfCheckpoint, outtype: GgmlType) -> Result<Vec<Con
         });
     }
     // experts waiting for the rest of their layer: (entry, block, suffix) → experts
-    let mut pending: std::collections::HashMap<
-        (usize, Option<usize>, Option<String>),
-        Vec<Option<TensorRef>>,
-    > = Default::default();
+    let mut pending: HashMap<ExpertSlot, Vec<Option<TensorRef>>> = Default::default();
     for t in ck.converter_order() {
         if arch.skips(&t.name) {
             continue;
