@@ -99,9 +99,9 @@ section_families() {
     if [[ " $checks " == *" ollama "* ]]; then
       if ! "$FTCONV" ollama "$dir" -o "$out/Modelfile" >"$out/ollama.log" 2>&1; then
         fail "family $f ollama: ftconv ollama exited non-zero"; indent <"$out/ollama.log"
-      elif "$PY" "$INTEROP/ollama_check.py" check --model "$dir" --modelfile "$out/Modelfile" --ftconv "$FTCONV" \
-          >"$out/ollama.check" 2>&1; then
-        pass "family $f ollama: TEMPLATE renders as apply_chat_template ($(grep -c '^ok ' "$out/ollama.check") conversations)"
+      elif go_render=$(ollama_go_render) && "$PY" "$INTEROP/ollama_check.py" check --model "$dir" \
+          --modelfile "$out/Modelfile" --ftconv "$FTCONV" ${go_render:+--go "$go_render"} >"$out/ollama.check" 2>&1; then
+        pass "family $f ollama: TEMPLATE renders as apply_chat_template ($(grep -c '^ok ' "$out/ollama.check") conversations, $([[ -n $go_render ]] && echo "Go text/template" || echo "embedded renderer"))"
       else
         fail "family $f ollama: TEMPLATE differs from apply_chat_template"; tail -n 20 "$out/ollama.check" | indent
       fi

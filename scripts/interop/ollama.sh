@@ -9,25 +9,33 @@
 # text/template (ollama_render.go, built with Debian's golang-go when `go` is installed; ftconv's embedded
 # renderer must then agree with it byte for byte), else ftconv's embedded renderer.
 # FTCONV_INTEROP_NO_GO=1 uses the embedded renderer even when Go is installed.
+# Build ollama_render.go once per run; prints its path (nothing when Go is missing or disabled).
+ollama_go_render() {
+  local dir=$WORK/ollama-go
+  if [[ -x $dir/ollama_render ]]; then echo "$dir/ollama_render"; return 0; fi
+  [[ ${FTCONV_INTEROP_NO_GO:-0} != 1 ]] && command -v go >/dev/null 2>&1 || return 0
+  mkdir -p "$dir/gosrc"
+  cp "$INTEROP/ollama_render.go" "$dir/gosrc/main.go"
+  if (cd "$dir/gosrc" && export GOCACHE=$dir/gocache GOPATH=$dir/gopath GO111MODULE=off GOFLAGS= &&
+    go build -o "$dir/ollama_render" main.go) >"$dir/go-build.log" 2>&1; then
+    echo "$dir/ollama_render"
+  else
+    fail "ollama: cannot build ollama_render.go with $(command -v go)" >&2
+    indent <"$dir/go-build.log" >&2
+  fi
+}
+
 section_ollama() {
   echo "== ollama"
   if [[ ! -x $FTCONV ]]; then
     fail "ollama: ftconv is not built"
     return 0
   fi
-  local dir=$WORK/ollama go_render="" log
+  local dir=$WORK/ollama go_render log
   mkdir -p "$dir"
-  if [[ ${FTCONV_INTEROP_NO_GO:-0} != 1 ]] && command -v go >/dev/null 2>&1; then
-    mkdir -p "$dir/gosrc"
-    cp "$INTEROP/ollama_render.go" "$dir/gosrc/main.go"
-    if (cd "$dir/gosrc" && export GOCACHE=$dir/gocache GOPATH=$dir/gopath GO111MODULE=off GOFLAGS= &&
-      go build -o "$dir/ollama_render" main.go) >"$dir/go-build.log" 2>&1; then
-      go_render=$dir/ollama_render
-      echo "Ollama side: Go text/template ($(go version | awk '{print $3}')), ftconv's embedded renderer checked against it"
-    else
-      fail "ollama: cannot build ollama_render.go with $(command -v go)"
-      indent <"$dir/go-build.log"
-    fi
+  go_render=$(ollama_go_render)
+  if [[ -n $go_render ]]; then
+    echo "Ollama side: Go text/template ($(go version | awk '{print $3}')), ftconv's embedded renderer checked against it"
   else
     echo "Ollama side: ftconv's embedded renderer (no Go: install Debian's golang-go to render with Go's text/template)"
   fi

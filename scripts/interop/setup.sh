@@ -62,6 +62,20 @@ _run_logged() { # name cmd...   (output to $CACHE/logs/name.log; its tail on fai
 
 _setup_total_t0=$(_now)
 
+# ---------------------------------------------------------------- 0. Go (Debian's golang-go) for the Ollama checks
+# The ollama checks execute Modelfile TEMPLATEs with Go's own text/template (scripts/interop/ollama_render.go).
+if ! command -v go >/dev/null 2>&1 && [[ ${FTCONV_INTEROP_NO_GO:-0} != 1 ]] && command -v apt-get >/dev/null 2>&1 &&
+  [[ $(id -u) == 0 ]]; then
+  _t0=$(_now)
+  _log "installing Debian's golang-go (for the Ollama template checks)"
+  if _run_logged golang-go bash -c 'DEBIAN_FRONTEND=noninteractive apt-get install -y -q golang-go ||
+      { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q golang-go; }'; then
+    _record golang-go "$(_since "$_t0")"
+  else
+    _log "golang-go could not be installed: the Ollama checks fall back to ftconv's embedded renderer"
+  fi
+fi
+
 # ---------------------------------------------------------------- 1. Python venv with pinned packages
 VENV=$CACHE/venv
 PY=$VENV/bin/python
